@@ -1,0 +1,23 @@
+"""Test setup: 8 fake CPU devices, set before jax initialises its backend."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+    """A (data=8, fsdp=1, tensor=1) mesh over the 8 fake CPU devices."""
+    from clipjax.sharding import make_mesh
+
+    assert jax.device_count() == 8, "tests/conftest.py must set 8 fake devices before jax starts"
+    return make_mesh(data=8)
