@@ -75,8 +75,8 @@ def param_shardings(params: nnx.State, mesh: Mesh, rules=RULES):
     """NamedShardings for an `nnx.State` of params, from each Param's `out_sharding` names."""
 
     def one(v):
-        names = v.get_metadata().get("out_sharding") or (None,) * v.value.ndim
-        spec = logical_to_spec(names, rules, mesh, v.value.shape)
+        names = v.get_metadata().get("out_sharding") or (None,) * v.get_value().ndim
+        spec = logical_to_spec(names, rules, mesh, v.get_value().shape)
         return v.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -94,7 +94,7 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Arr
 def shard_params(params: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
     """Place an `nnx.State` of params on `mesh` by its logical names."""
     shardings = param_shardings(params, mesh, rules)
-    return jax.tree.map(lambda v, s: v.replace(jax.device_put(v.value, s.value)), params, shardings,
+    return jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s.get_value())), params, shardings,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

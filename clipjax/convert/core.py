@@ -1,0 +1,155 @@
+"""State dict -> (config, clipjax params): family detection, architecture inference, key mapping.
+
+Families (detected from the keys):
+  `openai`       OpenAI / open_clip ViT (`visual.conv1.weight`, `transformer.resblocks.*`)
+  `openai_rn`    OpenAI / open_clip ModifiedResNet (`visual.layer1.*`)
+  `open_clip_siglip`  open_clip SigLIP: timm ViT trunk (`visual.trunk.*`) + `text.*` tower
+  `hf_clip`, `hf_siglip`  transformers `CLIPModel` / `SiglipModel`
+
+Activation functions cannot be read from weights: TorchScript (OpenAI) files
+are QuickGELU; other open_clip state dicts are assumed GELU unless an `arch`
+(e.g. `ViT-B-32-quickgelu`) or a config says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+from clipjax.config import (HALF, CLIPConfig, PreprocessConfig, TextConfig, VisionConfig, from_hf_config)
+from clipjax.convert import rules as R
+from clipjax.convert.errors import ConversionError
+
+
+def detect_family(sd: dict) -> str:
+    keys = set(sd)
+    if any(k.startswith("vision_model.") for k in keys):
+        return "hf_siglip" if "vision_model.head.probe" in keys else "hf_clip"
+    if any(k.startswith("visual.trunk.") for k in keys):
+        return "open_clip_siglip"
+    if any(k.startswith("visual.layer1.") for k in keys):
+        return "openai_rn"
+    if "visual.conv1.weight" in keys:
+        return "openai"
+    sample = sorted(keys)[:5]
+    raise ConversionError(f"unrecognised checkpoint layout (first keys: {sample}); expected an OpenAI/open_clip "
+                          "CLIP, open_clip SigLIP, or transformers CLIPModel/SiglipModel state dict")
+
+
+def _count(sd: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    idx = {int(m.group(1)) for k in sd if (m := rx.match(k))}
+    return max(idx) + 1 if idx else 0
+
+
+def _text_prefix(sd: dict) -> str:
+    return "text." if "text.token_embedding.weight" in sd else ""
+
+
+def _infer_text(sd: dict, act: str, p: str, causal=True, pool="argmax", eps=1e-5) -> TextConfig:
+    vocab, width = sd[f"{p}token_embedding.weight"].shape
+    ctx = sd[f"{p}positional_embedding"].shape[0]
+    layers = _count(sd, rf"{re.escape(p)}transformer\.resblocks\.(\d+)\.")
+    mlp = sd[f"{p}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    return TextConfig(context_length=ctx, vocab_size=vocab, width=width, heads=max(width // 64, 1), layers=layers,
+                      mlp_dim=mlp, act=act, causal=causal, pool=pool, eos_id=49407 if pool == "argmax" else 1,
+                      proj_bias=f"{p}text_projection.bias" in sd, ln_eps=eps)
+
+
+def infer_config(sd: dict, family: str, act: str = "gelu") -> CLIPConfig:
+    """Architecture from tensor shapes. Head counts follow open_clip's 64-wide heads (SigLIP: known widths)."""
+    try:
+        if family == "openai":
+            width, _, patch, _ = sd["visual.conv1.weight"].shape
+            grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+            vision = VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
+                                  layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=width // 64,
+                                  mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=act)
+            text = _infer_text(sd, act, _text_prefix(sd))
+            return CLIPConfig(embed_dim=sd["visual.proj"].shape[1], vision=vision, text=text)
+        if family == "openai_rn":
+            width = sd["visual.layer1.0.conv1.weight"].shape[1]
+            layers = tuple(_count(sd, rf"visual\.layer{s}\.(\d+)\.") for s in range(1, 5))
+            grid = math.isqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)
+            embed = sd["visual.attnpool.c_proj.weight"].shape[0]
+            vision = VisionConfig(arch="resnet", image_size=grid * 32, width=width, layers=layers,
+                                  heads=width * 32 // 64, mlp_dim=0, pool="attnpool", ln_pre=False)
+            return CLIPConfig(embed_dim=embed, vision=vision, text=_infer_text(sd, act, _text_prefix(sd)))
+        if family == "open_clip_siglip":
+            t = "visual.trunk."
+            width, _, patch, _ = sd[f"{t}patch_embed.proj.weight"].shape
+            grid = math.isqrt(sd[f"{t}pos_embed"].shape[1])
+            heads = {1152: 16, 1024: 16, 1536: 16}.get(width, width // 64)
+            vision = VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
+                                  layers=_count(sd, rf"{re.escape(t)}blocks\.(\d+)\."), heads=heads,
+                                  mlp_dim=sd[f"{t}blocks.0.mlp.fc1.weight"].shape[0], act=act, pool="map",
+                                  ln_pre=False, patch_bias=True, ln_eps=1e-6)
+            text = _infer_text(sd, act, "text.", causal=False, pool="last", eps=1e-6)
+            text = dataclasses.replace(text, heads=heads if text.width == width else text.heads)
+            return CLIPConfig(embed_dim=width, vision=vision, text=text, vision_proj=False,
+                              init_logit_scale=math.log(10.0), init_logit_bias=-10.0,
+                              preprocess=PreprocessConfig(mean=HALF, std=HALF, resize_mode="squash"))
+    except KeyError as e:
+        raise ConversionError(f"cannot infer the architecture: key {e} is missing") from None
+    raise ConversionError(f"cannot infer an architecture for family {family!r}: give --arch or --config")
+
+
+def rules_for(config: CLIPConfig, family: str, sd: dict | None = None) -> list[R.Rule]:
+    if family == "openai":
+        return R.openai_vision_rules(config) + R.openai_text_rules(config, _text_prefix(sd or {})) + R.scalar_rules(
+            config, hf=False)
+    if family == "openai_rn":
+        return R.openai_text_rules(config, _text_prefix(sd or {})) + R.scalar_rules(config, hf=False)
+    if family == "open_clip_siglip":
+        return R.timm_siglip_vision_rules(config) + R.openai_text_rules(config, "text.") + R.scalar_rules(config,
+                                                                                                         hf=False)
+    if family in ("hf_clip", "hf_siglip"):
+        return R.hf_vision_rules(config) + R.hf_text_rules(config) + R.scalar_rules(config, hf=True)
+    raise ConversionError(f"unknown family {family!r}")
+
+
+def check_compatible(config: CLIPConfig, family: str) -> None:
+    siglip = family in ("open_clip_siglip", "hf_siglip")
+    if siglip != config.is_siglip:
+        raise ConversionError(f"the checkpoint is a {'SigLIP' if siglip else 'CLIP'} model ({family}) but the "
+                              f"architecture given is {'SigLIP' if config.is_siglip else 'CLIP'}")
+    if (family == "openai_rn") != (config.vision.arch == "resnet"):
+        raise ConversionError(f"the checkpoint's image tower ({family}) does not match vision.arch="
+                              f"{config.vision.arch!r}")
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        *head, last = path.split(".")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = v
+    return out
+
+
+def state_dict_to_pure(sd: dict, config: CLIPConfig, family: str) -> dict:
+    """Convert a state dict to a nested pure dict of clipjax params (numpy arrays)."""
+    check_compatible(config, family)
+    ignore = ("visual.",) if family == "openai_rn" else ()
+    pure = _nest(R.apply_rules(rules_for(config, family, sd), sd, prefix_ignore=ignore))
+    if family == "openai_rn":
+        from clipjax.convert.resnet_keys import resnet_from_torch
+
+        pure["visual"] = resnet_from_torch(sd, config.vision, "visual.", embed_dim=config.embed_dim)
+    return pure
+
+
+def config_for(sd: dict, family: str, kind: str, config: CLIPConfig | None, hf_cfg: dict | None) -> CLIPConfig:
+    """The config to convert with: given, read from HF config.json, or inferred from shapes."""
+    if config is not None:
+        return config
+    if family.startswith("hf_"):
+        if hf_cfg is None:
+            raise ConversionError("a transformers state dict needs its config.json (convert the model folder)")
+        return from_hf_config(hf_cfg)
+    return infer_config(sd, family, act="quick_gelu" if kind == "torchscript" else "gelu")

@@ -1,0 +1,5 @@
+"""Errors raised while reading, converting or loading checkpoints."""
+
+
+class ConversionError(ValueError):
+    """A source checkpoint does not match what clipjax expects (keys, shapes, format)."""

@@ -1,0 +1,162 @@
+"""The two-tower model and its pure functional API.
+
+`CLIP` is an NNX module holding only `nnx.Param`. The functional API splits it
+once per config (`graphdef(config)`) and exposes pure, jitted functions of
+`(params, arrays)`:
+
+    params = init_params(config, seed=0)             # nnx.State of Params
+    img = encode_image(params, pixels, config=cfg)    # [B, H, W, 3] -> [B, E], L2-normalised
+    txt = encode_text(params, ids, config=cfg)        # [B, L] int32 -> [B, E]
+    lg = logits(params, pixels, ids, config=cfg)      # [B_img, B_txt]
+
+`config` is a static (hashable) argument: compute dtype, scan/unroll and the
+remat policy are read from it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clipjax.config import CLIPConfig
+from clipjax.models.text import TextTransformer
+from clipjax.models.vit import VisionTransformer
+from clipjax.sharding import param_shardings
+
+
+class CLIP(nnx.Module):
+    """Image tower (`visual`), text tower (`text`), `logit_scale` (log) and optional `logit_bias`."""
+
+    def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(config.param_dtype)
+        if config.vision.arch == "resnet":
+            from clipjax.models.resnet import ModifiedResNet
+
+            self.visual = ModifiedResNet(config.vision, config.embed_dim, param_dtype=pd, rngs=rngs)
+        else:
+            self.visual = VisionTransformer(config.vision, config.embed_dim, config.vision_proj, param_dtype=pd,
+                                            rngs=rngs)
+        self.text = TextTransformer(config.text, config.embed_dim, config.text_proj, param_dtype=pd, rngs=rngs)
+        self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, pd), out_sharding=(), eager_sharding=False)
+        self.logit_bias = (nnx.Param(jnp.asarray(config.init_logit_bias, pd), out_sharding=(), eager_sharding=False)
+                           if config.init_logit_bias is not None else None)
+
+
+@functools.lru_cache(maxsize=64)
+def graphdef(config: CLIPConfig) -> nnx.GraphDef:
+    """The static structure of `CLIP(config)` (computed abstractly, no params allocated)."""
+    abstract = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract, nnx.Param)[0]
+
+
+def abstract_params(config: CLIPConfig) -> nnx.State:
+    """Shape/dtype structure of the params (`jax.ShapeDtypeStruct` leaves), with their metadata."""
+    abstract = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract, nnx.Param)[1]
+
+
+def init_params(config: CLIPConfig, seed: int = 0, mesh=None) -> nnx.State:
+    """Randomly initialised params; created directly sharded on `mesh` when given."""
+
+    def init():
+        return nnx.split(CLIP(config, rngs=nnx.Rngs(seed)), nnx.Param)[1]
+
+    if mesh is None:
+        return jax.jit(init)()
+    shardings = param_shardings(abstract_params(config), mesh)
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def _merge(params, config) -> CLIP:
+    return nnx.merge(graphdef(config), params)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """`x / max(||x||, eps)` over the last axis, in float32 (torch `F.normalize`)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def _check_pixels(pixels, config: CLIPConfig):
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"pixels must be NHWC [B, H, W, 3], got shape {tuple(pixels.shape)}")
+    if not jnp.issubdtype(pixels.dtype, jnp.floating):
+        raise TypeError(f"pixels must be preprocessed floats (see clipjax.preprocess), got dtype {pixels.dtype}")
+
+
+def _check_ids(ids, config: CLIPConfig):
+    if ids.ndim != 2:
+        raise ValueError(f"token ids must be [B, L], got shape {tuple(ids.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.shape[1] > config.text.context_length:
+        raise ValueError(f"token ids have length {ids.shape[1]} > context_length {config.text.context_length}")
+
+
+def _image_features(model: CLIP, pixels, config: CLIPConfig):
+    _check_pixels(pixels, config)
+    x = pixels.astype(config.dtype)
+    if config.vision.arch == "resnet":
+        return model.visual(x, dtype=jnp.dtype(config.dtype))
+    return model.visual(x, scan=config.scan_layers, remat=config.remat)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "normalize"))
+def encode_image(params: nnx.State, pixels: jax.Array, *, config: CLIPConfig, normalize: bool = True) -> jax.Array:
+    """Image embeddings `[B, E]` float32 from preprocessed pixels `[B, H, W, 3]`."""
+    x = _image_features(_merge(params, config), pixels, config)
+    return l2_normalize(x) if normalize else x.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "normalize"))
+def encode_text(params: nnx.State, ids: jax.Array, *, config: CLIPConfig, normalize: bool = True) -> jax.Array:
+    """Text embeddings `[B, E]` float32 from token ids `[B, L]`."""
+    _check_ids(ids, config)
+    model = _merge(params, config)
+    x = model.text(ids, dtype=jnp.dtype(config.dtype), scan=config.scan_layers, remat=config.remat)
+    return l2_normalize(x) if normalize else x.astype(jnp.float32)
+
+
+def logits_from_embeddings(params: nnx.State, image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
+    """`exp(logit_scale) * img @ txt.T (+ logit_bias)`, `[B_img, B_txt]` from normalised embeddings."""
+    out = jnp.exp(params["logit_scale"][...].astype(jnp.float32)) * image_emb @ text_emb.T
+    if "logit_bias" in params:
+        out = out + params["logit_bias"][...].astype(jnp.float32)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def logits(params: nnx.State, pixels: jax.Array, ids: jax.Array, *, config: CLIPConfig) -> jax.Array:
+    """Image-text logits `[B_img, B_txt]`: CLIP's scaled cosine, plus SigLIP's bias when present."""
+    img = encode_image(params, pixels, config=config)
+    txt = encode_text(params, ids, config=config)
+    return logits_from_embeddings(params, img, txt)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "normalize"))
+def encode_dense(params: nnx.State, pixels: jax.Array, *, config: CLIPConfig, normalize: bool = True) -> jax.Array:
+    """MaskCLIP dense patch embeddings `[B, P, E]` (methods.md §19), P = grid * grid."""
+    _check_pixels(pixels, config)
+    model = _merge(params, config)
+    x = pixels.astype(config.dtype)
+    if config.vision.arch == "resnet":
+        out = model.visual.dense(x, dtype=jnp.dtype(config.dtype))
+    else:
+        out = model.visual.dense(x, scan=config.scan_layers)
+    return l2_normalize(out) if normalize else out.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "tower"))
+def hidden_states(params: nnx.State, inputs: jax.Array, *, config: CLIPConfig, tower: str = "image") -> jax.Array:
+    """Every block's output `[L, B, T, D]` of the ViT image tower (`tower="image"`) or the text tower."""
+    model = _merge(params, config)
+    if tower == "text":
+        _check_ids(inputs, config)
+        return model.text.hidden_states(inputs, dtype=jnp.dtype(config.dtype), scan=config.scan_layers)
+    _check_pixels(inputs, config)
+    if config.vision.arch != "vit":
+        raise ValueError("hidden_states of the image tower needs a ViT")
+    return model.visual.hidden_states(inputs.astype(config.dtype), scan=config.scan_layers)
