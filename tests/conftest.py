@@ -21,3 +21,22 @@ def mesh8():
 
     assert jax.device_count() == 8, "tests/conftest.py must set 8 fake devices before jax starts"
     return make_mesh(data=8)
+
+
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket")
+CAPTIONS = ("an astronaut in a white space suit with an american flag", "a ginger cat lying on a blanket",
+            "a cup of coffee on a saucer", "a rocket on the launch pad", "a photo of a dog", "")
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos shipped with scikit-image, uint8 [H, W, 3]."""
+    import skimage.data
+
+    return [getattr(skimage.data, n)() for n in PHOTO_NAMES]
+
+
+@pytest.fixture(scope="session")
+def captions():
+    return list(CAPTIONS)
+

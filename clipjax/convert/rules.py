@@ -279,7 +279,7 @@ def invert_rules(rules: list[Rule], flat: dict[str, Array]) -> dict[str, Array]:
         arrays = [np.asarray(flat[t]) for t in r.targets]
         if r.layers:
             for i, k in enumerate(_keys(r)):
-                sd[k] = np.ascontiguousarray(r.inv(*[a[i] for a in arrays]))
+                sd[k] = np.array(r.inv(*[a[i] for a in arrays]), order="C")
         else:
-            sd[r.source] = np.ascontiguousarray(r.inv(*arrays))
+            sd[r.source] = np.array(r.inv(*arrays), order="C")
     return sd

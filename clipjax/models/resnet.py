@@ -1,0 +1,262 @@
+"""OpenAI's ModifiedResNet image tower (RN50, RN101, ...) with attention pooling.
+
+Matches `open_clip.modified_resnet.ModifiedResNet` in eval mode:
+
+- a 3-conv stem (3x3 stride 2, 3x3, 3x3, each BN + ReLU) then a 2x2 average pool;
+- four stages of Bottleneck blocks (1x1, 3x3, 1x1 convs); a stride-2 block
+  average-pools after its 3x3 conv (anti-aliased striding), and its shortcut is
+  avgpool -> 1x1 conv -> BN;
+- a QKV attention pool: the mean feature is prepended as a query token,
+  positional embeddings are added and one multi-head attention step reads out
+  that token, projected to `embed_dim` by `c_proj`.
+
+Pixels are NHWC `[B, H, W, 3]`, already normalised, with `H == W ==
+cfg.image_size`. Conv kernels are HWIO `[kh, kw, in, out]`; BatchNorm is the
+inference form with its running statistics held as (frozen) Params.
+
+BatchNorm statistics (`mean`, `var`) are `FrozenStat` Params (a subclass of
+`nnx.Param`) and pass through `stop_gradient`, so their gradient is zero like
+torch buffers; exclude them from optimisers with
+`nnx.All(nnx.Param, nnx.Not(FrozenStat))`. Training from scratch therefore
+runs with frozen BN (open_clip's `lock(freeze_bn_stats=True)` behaviour) and
+relies on the zero-initialised last BN scale of each block for stability.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clipjax.config import VisionConfig
+from clipjax.layers import Dense, ones, param, zeros
+from clipjax.sharding import constrain
+
+BN_EPS = 1e-5
+EXPANSION = 4  # Bottleneck output channels = planes * EXPANSION
+_ACT = ("batch", None, None, "act_embed")  # logical names of an NHWC activation
+
+
+class FrozenStat(nnx.Param):
+    """A BatchNorm running statistic: a Param for loading/sharding, but never trained."""
+
+
+def _uniform(bound: float):
+    """torch's default conv/linear init, `U(-bound, bound)` with `bound = 1/sqrt(fan_in)`."""
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def _avg_pool(x: jax.Array, k: int) -> jax.Array:
+    """torch `AvgPool2d(k)` (stride k, no padding, floor) on `[B, H, W, C]`, accumulated in float32."""
+    if k == 1:
+        return x
+    b, h, w, c = x.shape
+    ho, wo = h // k, w // k
+    y = x[:, : ho * k, : wo * k].reshape(b, ho, k, wo, k, c)
+    return y.mean(axis=(2, 4), dtype=jnp.float32).astype(x.dtype)
+
+
+class Conv(nnx.Module):
+    """Bias-free 2-D convolution, kernel HWIO `[k, k, in, out]`, torch-style symmetric padding `k // 2`."""
+
+    def __init__(self, d_in: int, d_out: int, k: int, *, stride: int = 1, param_dtype, rngs: nnx.Rngs):
+        self.stride = stride
+        names = (None, None, "embed" if d_in > 3 else None, "mlp")
+        self.kernel = param(rngs, _uniform((d_in * k * k) ** -0.5), (k, k, d_in, d_out), names, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, in]` -> `[B, H', W', out]` in `x.dtype`."""
+        k = self.kernel.shape[0]
+        pad = k // 2
+        return jax.lax.conv_general_dilated(
+            x, self.kernel[...].astype(x.dtype), window_strides=(self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class BatchNorm(nnx.Module):
+    """Inference-form BatchNorm2d over the channel axis: `(x - mean) / sqrt(var + eps) * scale + bias`.
+
+    Computed in float32 and cast back to `x.dtype`. `mean`/`var` are frozen (no gradient).
+    """
+
+    def __init__(self, dim: int, *, scale_init=ones, param_dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, scale_init, (dim,), (None,), param_dtype)
+        self.bias = param(rngs, zeros, (dim,), (None,), param_dtype)
+        self.mean = FrozenStat(jnp.zeros((dim,), param_dtype), out_sharding=(None,), eager_sharding=False)
+        self.var = FrozenStat(jnp.ones((dim,), param_dtype), out_sharding=(None,), eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = jax.lax.stop_gradient(self.mean[...]).astype(jnp.float32)
+        var = jax.lax.stop_gradient(self.var[...]).astype(jnp.float32)
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + BN_EPS)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Downsample(nnx.Module):
+    """Bottleneck shortcut: AvgPool(stride) -> 1x1 conv -> BN (torch `downsample.{-1,0,1}`)."""
+
+    def __init__(self, d_in: int, d_out: int, stride: int, *, param_dtype, rngs: nnx.Rngs):
+        self.stride = stride
+        self.conv = Conv(d_in, d_out, 1, param_dtype=param_dtype, rngs=rngs)
+        self.bn = BatchNorm(d_out, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.bn(self.conv(_avg_pool(x, self.stride)))
+
+
+class Bottleneck(nnx.Module):
+    """1x1 -> 3x3 -> (avgpool if strided) -> 1x1 with ReLUs; residual add then ReLU.
+
+    `bn3.scale` starts at zero (open_clip `init_parameters`), so a fresh block is the identity
+    shortcut followed by ReLU.
+    """
+
+    def __init__(self, d_in: int, planes: int, stride: int, *, param_dtype, rngs: nnx.Rngs):
+        d_out = planes * EXPANSION
+        self.stride = stride
+        self.conv1 = Conv(d_in, planes, 1, param_dtype=param_dtype, rngs=rngs)
+        self.bn1 = BatchNorm(planes, param_dtype=param_dtype, rngs=rngs)
+        self.conv2 = Conv(planes, planes, 3, param_dtype=param_dtype, rngs=rngs)
+        self.bn2 = BatchNorm(planes, param_dtype=param_dtype, rngs=rngs)
+        self.conv3 = Conv(planes, d_out, 1, param_dtype=param_dtype, rngs=rngs)
+        self.bn3 = BatchNorm(d_out, scale_init=zeros, param_dtype=param_dtype, rngs=rngs)
+        needs_shortcut = stride > 1 or d_in != d_out
+        self.downsample = (Downsample(d_in, d_out, stride, param_dtype=param_dtype, rngs=rngs)
+                           if needs_shortcut else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, in]` -> `[B, H / stride, W / stride, planes * 4]`."""
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = jax.nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(_avg_pool(out, self.stride)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return jax.nn.relu(out + identity)
+
+
+class AttentionPool2d(nnx.Module):
+    """open_clip `AttentionPool2d`: mean token + positional embedding, one MHA read-out, `c_proj`.
+
+    Params: `positional_embedding` `[grid**2 + 1, C]`; `q_proj`, `k_proj`, `v_proj` `[C, C]`;
+    `c_proj` `[C, embed_dim]` (kernels are torch Linear weights transposed), each with a bias.
+    """
+
+    def __init__(self, grid: int, dim: int, heads: int, embed_dim: int, *, param_dtype, rngs: nnx.Rngs):
+        if dim % heads:
+            raise ValueError(f"attention-pool width {dim} is not divisible by heads={heads}")
+        self.heads = heads
+        std = dim**-0.5  # open_clip init_parameters: std = c_proj.in_features ** -0.5
+        self.positional_embedding = param(rngs, lambda k, s, d: (jax.random.normal(k, s) * std).astype(d),
+                                          (grid * grid + 1, dim), (None, "embed"), param_dtype)
+        self.q_proj = Dense(dim, dim, names=("embed", "mlp"), std=std, param_dtype=param_dtype, rngs=rngs)
+        self.k_proj = Dense(dim, dim, names=("embed", "mlp"), std=std, param_dtype=param_dtype, rngs=rngs)
+        self.v_proj = Dense(dim, dim, names=("embed", "mlp"), std=std, param_dtype=param_dtype, rngs=rngs)
+        self.c_proj = Dense(dim, embed_dim, names=("embed", "mlp"), std=std, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Pool a feature map `[B, g, g, C]` -> `[B, embed_dim]`.
+
+        Only the mean token's query is computed: the other output tokens are discarded by
+        open_clip (`x[0]`), so this is the same result with 1/(g*g+1) of the query work.
+        """
+        b, h, w, c = x.shape
+        tokens = x.reshape(b, h * w, c)
+        mean = tokens.mean(axis=1, keepdims=True, dtype=jnp.float32).astype(x.dtype)
+        tokens = jnp.concatenate([mean, tokens], axis=1)  # [B, g*g + 1, C]
+        tokens = tokens + self.positional_embedding[...].astype(x.dtype)
+        n, dh = self.heads, c // self.heads
+        q = self.q_proj(tokens[:, :1]).reshape(b, 1, n, dh)
+        k = self.k_proj(tokens).reshape(b, h * w + 1, n, dh)
+        v = self.v_proj(tokens).reshape(b, h * w + 1, n, dh)
+        o = jax.nn.dot_product_attention(q, k, v)  # softmax in float32, scale 1/sqrt(dh)
+        return self.c_proj(o.reshape(b, c))
+
+    def dense(self, x: jax.Array, *, add_pos_embed: bool = False) -> jax.Array:
+        """MaskCLIP's ResNet value path, per position: `c_proj(v_proj(x_hw))`, `[B, g, g, C]` -> `[B, g*g, E]`.
+
+        This is the RN analogue of methods.md §19: the attention pool with the q.k mixing
+        removed, so each spatial feature goes through the value and output projections on its
+        own. MaskCLIP (`MaskClipHead.forward`, non-ViT branch: `c_proj(v_proj(x))` as 1x1 convs)
+        and GL-MCM (`AttentionPool2d.forward`, `x_local`) both apply it to the raw layer4
+        features WITHOUT the positional embedding, which is the default here;
+        `add_pos_embed=True` adds the per-position embedding `pos[1:]` first.
+        """
+        b, h, w, c = x.shape
+        tokens = x.reshape(b, h * w, c)
+        if add_pos_embed:
+            tokens = tokens + self.positional_embedding[1:].astype(x.dtype)
+        return self.c_proj(self.v_proj(tokens))
+
+
+class ModifiedResNet(nnx.Module):
+    """OpenAI CLIP's ResNet image tower: `[B, S, S, 3]` pixels -> `[B, embed_dim]` (not normalised).
+
+    Args:
+      cfg: a `VisionConfig` with `arch='resnet'`: `layers` (4 bottleneck counts), `width`
+        (stem width; features are `width * 32` wide), `heads` (attention-pool heads),
+        `image_size` (a multiple of 32).
+      embed_dim: output width of the attention pool (open_clip `output_dim`).
+      param_dtype: storage dtype of every Param.
+      rngs: initialisation keys (not stored).
+    """
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if cfg.arch != "resnet":
+            raise ValueError(f"ModifiedResNet needs VisionConfig(arch='resnet'), got arch={cfg.arch!r}")
+        if cfg.image_size % 32:
+            raise ValueError(f"ModifiedResNet image_size must be a multiple of 32, got {cfg.image_size}")
+        self.cfg = cfg
+        w = cfg.width
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = Conv(3, w // 2, 3, stride=2, **kw)
+        self.bn1 = BatchNorm(w // 2, **kw)
+        self.conv2 = Conv(w // 2, w // 2, 3, **kw)
+        self.bn2 = BatchNorm(w // 2, **kw)
+        self.conv3 = Conv(w // 2, w, 3, **kw)
+        self.bn3 = BatchNorm(w, **kw)
+        d_in = w
+        stages = []
+        for i, blocks in enumerate(cfg.layers):
+            planes, stride = w * 2**i, 1 if i == 0 else 2
+            stage = [Bottleneck(d_in, planes, stride, **kw)]
+            d_in = planes * EXPANSION
+            stage += [Bottleneck(d_in, planes, 1, **kw) for _ in range(1, blocks)]
+            stages.append(nnx.List(stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.attnpool = AttentionPool2d(cfg.grid, w * 32, cfg.heads, embed_dim, **kw)
+
+    def _check(self, x: jax.Array) -> None:
+        s = self.cfg.image_size
+        if x.ndim != 4 or x.shape[1:] != (s, s, 3):
+            raise ValueError(f"pixels must be NHWC [B, {s}, {s}, 3] (cfg.image_size={s}), got shape {x.shape}")
+        if x.shape[0] == 0:
+            raise ValueError("pixels batch is empty (B=0)")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"pixels must be a float array (normalised), got dtype {x.dtype}")
+
+    def stem(self, x: jax.Array) -> jax.Array:
+        """Three conv-BN-ReLU then AvgPool(2): `[B, S, S, 3]` -> `[B, S/4, S/4, width]`."""
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = jax.nn.relu(self.bn2(self.conv2(x)))
+        x = jax.nn.relu(self.bn3(self.conv3(x)))
+        return _avg_pool(x, 2)
+
+    def features(self, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
+        """Trunk output (open_clip's layer4): `[B, S, S, 3]` -> `[B, S/32, S/32, width * 32]` in `dtype`."""
+        self._check(x)
+        x = constrain(x.astype(dtype), _ACT)
+        x = self.stem(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = block(x)
+            x = constrain(x, _ACT)
+        return x
+
+    def __call__(self, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
+        """Pixels `[B, S, S, 3]` -> attention-pooled embedding `[B, embed_dim]` in `dtype` (open_clip `visual(x)`)."""
+        return self.attnpool(self.features(x, dtype=dtype))
+
+    def dense(self, x: jax.Array, *, dtype=jnp.float32, add_pos_embed: bool = False) -> jax.Array:
+        """MaskCLIP dense features `[B, grid*grid, embed_dim]` (row-major positions); see `AttentionPool2d.dense`."""
+        return self.attnpool.dense(self.features(x, dtype=dtype), add_pos_embed=add_pos_embed)
+

@@ -1,0 +1,130 @@
+"""Parity: randomly initialised open_clip models, saved in each source format, converted by the CLI.
+
+Tolerance (fp32): max |clipjax - torch| <= 1e-5 x embedding scale (the L2 norm of the reference
+rows: 1 for normalised embeddings, exp(logit_scale) for logits).
+"""
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.parity
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from helpers import assert_close_scaled  # noqa: E402
+
+import clipjax  # noqa: E402
+from clipjax.cli import main as cli  # noqa: E402
+from clipjax.preprocess import preprocess  # noqa: E402
+from clipjax.tokenizer import Tokenizer  # noqa: E402
+
+# (arch, source format, pass --arch?) -- every format and both inference paths are covered
+CASES = [
+    ("ViT-B-32", "safetensors", False),
+    ("ViT-B-32-quickgelu", "torchscript", False),
+    ("ViT-B-16", "pt", True),
+    ("RN50", "train_ckpt", False),
+    ("ViT-B-16-SigLIP", "safetensors", False),
+]
+
+
+def _randomise_norms(model):
+    """Random LayerNorm/BatchNorm affine params and BN statistics: defaults (1, 0) hide mapping bugs."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
+        if getattr(model, "logit_bias", None) is not None:
+            model.logit_bias.fill_(-7.5)
+        model.logit_scale.fill_(2.0)
+
+
+def _save(model, fmt, path, pixels, ids):
+    sd = model.state_dict()
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    elif fmt == "pt":
+        torch.save(sd, path)
+    elif fmt == "train_ckpt":  # open_clip training checkpoint under DDP
+        torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    elif fmt == "torchscript":  # how OpenAI ships its .pt files
+        traced = torch.jit.trace_module(model, {"encode_image": pixels, "encode_text": ids}, check_trace=False)
+        torch.jit.save(traced, path)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def converted(request, tmp_path_factory, photos, captions):
+    arch, fmt, give_arch = request.param
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None).eval()
+    _randomise_norms(model)
+    cfg = clipjax.get_config(arch)
+    pixels = preprocess(photos[:2], cfg.preprocess, cfg.vision.image_size)
+    if cfg.is_siglip:  # SigLIP tokenizers need the hub: random ids
+        ids = np.random.default_rng(0).integers(1, cfg.text.vocab_size, (3, cfg.text.context_length)).astype(np.int32)
+    else:
+        ids = Tokenizer.openai()(captions[:3])
+    tp, ti = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(ids).long()
+    d = tmp_path_factory.mktemp(arch)
+    src = str(d / f"model.{ {'torchscript': 'pt', 'train_ckpt': 'pt'}.get(fmt, fmt)}")
+    _save(model, fmt, src, tp, ti)
+    out = str(d / "clipjax")
+    assert cli(["convert", src, out] + (["--arch", arch] if give_arch else [])) == 0
+    with torch.no_grad():
+        ref_img = model.encode_image(tp, normalize=True).numpy()
+        ref_txt = model.encode_text(ti, normalize=True).numpy()
+        ref_logits = (model.logit_scale.exp() * torch.from_numpy(ref_img) @ torch.from_numpy(ref_txt).T).numpy()
+        if getattr(model, "logit_bias", None) is not None:
+            ref_logits = ref_logits + model.logit_bias.item()
+    return dict(arch=arch, out=out, model=clipjax.load(out), pixels=pixels, ids=ids, img=ref_img, txt=ref_txt,
+                logits=ref_logits, torch_model=model)
+
+
+def test_image_embeddings(converted):
+    assert_close_scaled(converted["model"].encode_image(converted["pixels"]), converted["img"], what="image")
+
+
+def test_text_embeddings(converted):
+    assert_close_scaled(converted["model"].encode_text(converted["ids"]), converted["txt"], what="text")
+
+
+def test_logits(converted):
+    m = converted["model"]
+    assert_close_scaled(m.logits(converted["pixels"], converted["ids"]), converted["logits"], what="logits")
+
+
+def test_inferred_config_matches_preset(converted):
+    """Shape inference (or --arch) recovers the architecture, activation included."""
+    cfg = clipjax.get_config(converted["arch"])
+    got = converted["model"].config
+    assert got.vision == cfg.vision and got.text == cfg.text and got.embed_dim == cfg.embed_dim
+
+
+@pytest.mark.parametrize("converted", CASES[:2], indirect=True, ids=["ViT-B-32", "ViT-B-32-quickgelu"])
+def test_maskclip_dense_matches_torch(converted):
+    """MaskCLIP dense features (methods.md §19) computed on the torch model by hand (B/32 ViTs: CI time)."""
+    tm = converted["torch_model"].visual
+    x = torch.from_numpy(converted["pixels"]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        h = tm.conv1(x).flatten(2).transpose(1, 2)
+        h = torch.cat([tm.class_embedding.expand(h.shape[0], 1, -1), h], 1) + tm.positional_embedding
+        h = tm.ln_pre(h)
+        blocks = tm.transformer.resblocks
+        for blk in blocks[:-1]:
+            h = blk(h)
+        last = blocks[-1]
+        w_v, b_v = last.attn.in_proj_weight[-h.shape[-1]:], last.attn.in_proj_bias[-h.shape[-1]:]
+        v = torch.nn.functional.linear(last.ln_1(h), w_v, b_v)
+        v = h + last.attn.out_proj(v)
+        v = v + last.mlp(last.ln_2(v))
+        ref = torch.nn.functional.normalize(tm.ln_post(v[:, 1:]) @ tm.proj, dim=-1).numpy()
+    got = converted["model"].encode_dense(converted["pixels"])
+    assert_close_scaled(got, ref, what="dense")
