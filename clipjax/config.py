@@ -132,7 +132,8 @@ class CLIPConfig:
     `embed_dim=None` on a tower side means "no projection": the pooled width is
     the embedding (SigLIP's vision tower). `dtype` is the compute dtype, apart
     from `param_dtype`. `scan_layers` runs the blocks with `lax.scan` (False:
-    unrolled); `remat` picks a `jax.checkpoint` policy for each block.
+    unrolled); `remat` picks a `jax.checkpoint` policy for each block;
+    `attention="cudnn"` selects cuDNN flash attention on GPU (bf16/fp16 only).
     """
 
     embed_dim: int = 512
@@ -147,9 +148,11 @@ class CLIPConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (GPU flash)
 
     def __post_init__(self):
         _check_choice("remat", self.remat, REMAT_POLICIES)
+        _check_choice("attention", self.attention, ("xla", "cudnn"))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("param_dtype", self.param_dtype, ("float32", "bfloat16"))
         if not self.vision_proj and self.vision.width != self.embed_dim and self.vision.arch == "vit":

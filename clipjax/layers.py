@@ -95,7 +95,9 @@ class MLP(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v kernels `[D, H, Dh]` and output kernel `[H, Dh, D]`."""
 
-    def __init__(self, dim: int, heads: int, *, param_dtype, rngs: nnx.Rngs, out_std: float | None = None):
+    def __init__(self, dim: int, heads: int, *, param_dtype, rngs: nnx.Rngs, out_std: float | None = None,
+                 implementation: str = "xla"):
+        self.implementation = None if implementation == "xla" else implementation
         head_dim = dim // heads
         std = dim**-0.5
         qkv_names = ("embed", "heads", "kv")
@@ -119,7 +121,7 @@ class Attention(nnx.Module):
         k = self._proj(kv, self.k_kernel, self.k_bias)
         v = self._proj(kv, self.v_kernel, self.v_bias)
         q = constrain(q, ("batch", "act_seq", "act_heads", None))
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=self.implementation)
         return self.output(o)
 
     def output(self, o: jax.Array) -> jax.Array:
@@ -135,10 +137,11 @@ class Block(nnx.Module):
     """Pre-LN residual block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, act: str, eps: float, layers: int, *, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention: str = "xla"):
         proj_std = dim**-0.5 * (2 * layers) ** -0.5
         self.ln1 = LayerNorm(dim, eps=eps, param_dtype=param_dtype, rngs=rngs)
-        self.attn = Attention(dim, heads, param_dtype=param_dtype, rngs=rngs, out_std=proj_std)
+        self.attn = Attention(dim, heads, param_dtype=param_dtype, rngs=rngs, out_std=proj_std,
+                              implementation=attention)
         self.ln2 = LayerNorm(dim, eps=eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(dim, mlp_dim, act, param_dtype=param_dtype, rngs=rngs, std=proj_std)
 
@@ -164,13 +167,14 @@ class Transformer(nnx.Module):
     """`layers` Blocks with params stacked on a leading "layers" axis; run by `lax.scan` or unrolled."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, layers: int, act: str, eps: float, *, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention: str = "xla"):
         self.layers = layers
 
         @nnx.split_rngs(splits=layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def create(rngs):
-            return Block(dim, heads, mlp_dim, act, eps, layers, param_dtype=param_dtype, rngs=rngs)
+            return Block(dim, heads, mlp_dim, act, eps, layers, param_dtype=param_dtype, rngs=rngs,
+                         attention=attention)
 
         self.blocks = create(rngs)
 

@@ -174,8 +174,21 @@ def test_missing_source_and_existing_output(tmp_path, state_dict, config_file):
 def test_load_rejects_non_checkpoint(tmp_path):
     import clipjax
 
-    with pytest.raises(ConversionError, match="not a clipjax checkpoint"):
+    with pytest.raises(ConversionError, match="neither a clipjax checkpoint"):
         clipjax.load(str(tmp_path))
+
+
+def test_load_converts_pytorch_file_in_memory(tmp_path, state_dict, config_file):
+    """clipjax.load on a PyTorch file gives the same model as convert + load, writing nothing."""
+    import clipjax
+
+    src = _save(state_dict, tmp_path / "m.pt")
+    direct = clipjax.load(src, config=config_file)
+    convert(src, str(tmp_path / "out"), config=config_file)
+    saved = clipjax.load(str(tmp_path / "out"))
+    pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(direct.encode_image(pixels), saved.encode_image(pixels))
+    assert sorted(os.listdir(tmp_path)) == ["m.pt", "out", "tiny.json"]
 
 
 def test_params_not_matching_config_on_load(tmp_path, state_dict, config_file):

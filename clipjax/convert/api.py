@@ -66,6 +66,26 @@ def convert(src: str, out: str, *, arch: str | None = None, config: str | CLIPCo
             shutil.rmtree(tmp_tok, ignore_errors=True)
 
 
+def load_pytorch(src: str, *, arch: str | None = None, config: str | CLIPConfig | None = None, mesh=None):
+    """Convert `src` in memory (nothing written) and return a `clipjax.checkpoint.Model`."""
+    from clipjax.checkpoint import Model, default_tokenizer, pure_to_params
+    from clipjax.sharding import shard_params
+
+    cfg = get_config(arch) if arch else (config_from_file(config) if isinstance(config, str) else config)
+    sd, kind = read_state_dict(src)
+    family = detect_family(sd)
+    cfg = config_for(sd, family, kind, cfg, hf_config(src) if kind == "hf" else None)
+    params = pure_to_params(state_dict_to_pure(sd, cfg, family), cfg)
+    if mesh is not None:
+        params = shard_params(params, mesh)
+    tokenizer = default_tokenizer(cfg)
+    if kind == "hf" and any(os.path.exists(os.path.join(src, n)) for n in TOKENIZER_FILES):
+        from clipjax.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_folder(src, context_length=cfg.text.context_length)
+    return Model(config=cfg, params=params, tokenizer=tokenizer)
+
+
 def _flat_params(params) -> dict[str, np.ndarray]:
     out = {}
 

@@ -80,7 +80,8 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], str]:
 
 def read_hf_folder(folder: str) -> dict[str, np.ndarray]:
     if not os.path.exists(os.path.join(folder, "config.json")):
-        raise ConversionError(f"{folder}: a Hugging Face model folder needs config.json")
+        raise ConversionError(f"{folder}: neither a clipjax checkpoint (clipjax.json) nor a Hugging Face model "
+                              "folder (config.json)")
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     binary = os.path.join(folder, "pytorch_model.bin")

@@ -38,8 +38,9 @@ class CLIP(nnx.Module):
             self.visual = ModifiedResNet(config.vision, config.embed_dim, param_dtype=pd, rngs=rngs)
         else:
             self.visual = VisionTransformer(config.vision, config.embed_dim, config.vision_proj, param_dtype=pd,
-                                            rngs=rngs)
-        self.text = TextTransformer(config.text, config.embed_dim, config.text_proj, param_dtype=pd, rngs=rngs)
+                                            rngs=rngs, attention=config.attention)
+        self.text = TextTransformer(config.text, config.embed_dim, config.text_proj, param_dtype=pd, rngs=rngs,
+                                    attention=config.attention)
         self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, pd), out_sharding=(), eager_sharding=False)
         self.logit_bias = (nnx.Param(jnp.asarray(config.init_logit_bias, pd), out_sharding=(), eager_sharding=False)
                            if config.init_logit_bias is not None else None)

@@ -29,13 +29,14 @@ def pool_index(ids: jax.Array, cfg: TextConfig) -> jax.Array:
 
 
 class TextTransformer(nnx.Module):
-    def __init__(self, cfg: TextConfig, embed_dim: int, use_proj: bool, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, embed_dim: int, use_proj: bool, *, param_dtype, rngs: nnx.Rngs,
+                 attention: str = "xla"):
         self.cfg = cfg
         d = cfg.width
         self.token_embed = param(rngs, normal(0.02), (cfg.vocab_size, d), ("vocab", "embed"), param_dtype)
         self.pos_embed = param(rngs, normal(0.01), (cfg.context_length, d), (None, "embed"), param_dtype)
         self.transformer = Transformer(d, cfg.heads, cfg.mlp_dim, cfg.layers, cfg.act, cfg.ln_eps,
-                                       param_dtype=param_dtype, rngs=rngs)
+                                       param_dtype=param_dtype, rngs=rngs, attention=attention)
         self.ln_final = LayerNorm(d, eps=cfg.ln_eps, param_dtype=param_dtype, rngs=rngs)
         self.proj = param(rngs, normal(d**-0.5), (d, embed_dim), ("embed", None), param_dtype) if use_proj else None
         self.proj_bias = param(rngs, zeros, (embed_dim,), (None,), param_dtype) if use_proj and cfg.proj_bias else None

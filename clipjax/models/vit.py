@@ -55,9 +55,9 @@ def resize_pos_grid(pos: jax.Array, grid_in: int, grid_out: int) -> jax.Array:
 class MAPHead(nnx.Module):
     """Multihead attention pooling: a learned probe attends over the tokens, then an MLP residual."""
 
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs, attention: str = "xla"):
         self.probe = param(rngs, normal(0.02), (1, cfg.width), (None, "embed"), param_dtype)
-        self.attn = Attention(cfg.width, cfg.heads, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(cfg.width, cfg.heads, param_dtype=param_dtype, rngs=rngs, implementation=attention)
         self.ln = LayerNorm(cfg.width, eps=cfg.ln_eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg.width, cfg.mlp_dim, cfg.act, param_dtype=param_dtype, rngs=rngs)
 
@@ -70,7 +70,8 @@ class MAPHead(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, embed_dim: int, use_proj: bool, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, use_proj: bool, *, param_dtype, rngs: nnx.Rngs,
+                 attention: str = "xla"):
         self.cfg = cfg
         p, d = cfg.patch_size, cfg.width
         scale = d**-0.5
@@ -81,9 +82,9 @@ class VisionTransformer(nnx.Module):
         self.pos_embed = param(rngs, normal(scale), (cfg.num_tokens, d), (None, "embed"), param_dtype)
         self.ln_pre = LayerNorm(d, eps=cfg.ln_eps, param_dtype=param_dtype, rngs=rngs) if cfg.ln_pre else None
         self.transformer = Transformer(d, cfg.heads, cfg.mlp_dim, cfg.layers, cfg.act, cfg.ln_eps,
-                                       param_dtype=param_dtype, rngs=rngs)
+                                       param_dtype=param_dtype, rngs=rngs, attention=attention)
         self.ln_post = LayerNorm(d, eps=cfg.ln_eps, param_dtype=param_dtype, rngs=rngs)
-        self.map_head = MAPHead(cfg, param_dtype=param_dtype, rngs=rngs) if cfg.pool == "map" else None
+        self.map_head = MAPHead(cfg, param_dtype=param_dtype, rngs=rngs, attention=attention) if cfg.pool == "map" else None
         self.proj = param(rngs, normal(scale), (d, embed_dim), ("embed", None), param_dtype) if use_proj else None
 
     # -- pieces
