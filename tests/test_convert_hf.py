@@ -41,6 +41,8 @@ CASES = {
     "clip-b32": lambda: _clip(B32_TEXT, B32_VISION, projection_dim=512),
     "siglip-tiny": lambda: _siglip(dict(TINY_TEXT, vocab_size=1000, hidden_size=48, max_position_embeddings=16),
                                    TINY_VISION),
+    "siglip-b32": lambda: _siglip(dict(B32_TEXT, vocab_size=32000, hidden_size=768, num_attention_heads=12,
+                                       intermediate_size=3072, max_position_embeddings=64), B32_VISION),
 }
 
 
