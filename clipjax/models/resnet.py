@@ -10,9 +10,10 @@ Matches `open_clip.modified_resnet.ModifiedResNet` in eval mode:
   positional embeddings are added and one multi-head attention step reads out
   that token, projected to `embed_dim` by `c_proj`.
 
-Pixels are NHWC `[B, H, W, 3]`, already normalised, with `H == W ==
-cfg.image_size`. Conv kernels are HWIO `[kh, kw, in, out]`; BatchNorm is the
-inference form with its running statistics held as (frozen) Params.
+Pixels are NHWC `[B, H, W, 3]`, already normalised, with `H == W == cfg.image_size`
+for the pooled output (the trunk and the positional-embedding-free dense features
+take any multiple of 32). Conv kernels are HWIO `[kh, kw, in, out]`; BatchNorm is
+the inference form with its running statistics held as (frozen) Params.
 
 BatchNorm statistics (`mean`, `var`) are `FrozenStat` Params (a subclass of
 `nnx.Param`) and pass through `stop_gradient`, so their gradient is zero like
@@ -20,6 +21,9 @@ torch buffers; exclude them from optimisers with
 `nnx.All(nnx.Param, nnx.Not(FrozenStat))`. Training from scratch therefore
 runs with frozen BN (open_clip's `lock(freeze_bn_stats=True)` behaviour) and
 relies on the zero-initialised last BN scale of each block for stability.
+Init otherwise follows open_clip: conv kernels U(+-1/sqrt(fan_in)) (torch default),
+attention-pool kernels and positional embedding N(0, width*32 ** -0.5); the
+attention-pool biases start at zero (torch: uniform).
 """
 
 from __future__ import annotations
@@ -225,10 +229,16 @@ class ModifiedResNet(nnx.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.attnpool = AttentionPool2d(cfg.grid, w * 32, cfg.heads, embed_dim, **kw)
 
-    def _check(self, x: jax.Array) -> None:
+    def _check(self, x: jax.Array, *, exact: bool) -> None:
+        """Static checks: NHWC float pixels; side = cfg.image_size (`exact`) or any multiple of 32."""
         s = self.cfg.image_size
-        if x.ndim != 4 or x.shape[1:] != (s, s, 3):
-            raise ValueError(f"pixels must be NHWC [B, {s}, {s}, 3] (cfg.image_size={s}), got shape {x.shape}")
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"pixels must be NHWC [B, H, W, 3] (e.g. [B, {s}, {s}, 3]), got shape {x.shape}")
+        if exact and x.shape[1:3] != (s, s):
+            raise ValueError(f"the attention pool's positional embedding fixes the input to cfg.image_size={s}: "
+                             f"pixels must be [B, {s}, {s}, 3], got shape {x.shape}")
+        if x.shape[1] % 32 or x.shape[2] % 32:
+            raise ValueError(f"pixel height and width must be multiples of 32, got shape {x.shape}")
         if x.shape[0] == 0:
             raise ValueError("pixels batch is empty (B=0)")
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -242,8 +252,11 @@ class ModifiedResNet(nnx.Module):
         return _avg_pool(x, 2)
 
     def features(self, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
-        """Trunk output (open_clip's layer4): `[B, S, S, 3]` -> `[B, S/32, S/32, width * 32]` in `dtype`."""
-        self._check(x)
+        """Trunk output (open_clip's layer4): `[B, H, W, 3]` -> `[B, H/32, W/32, width * 32]` in `dtype`.
+
+        Any H, W that are multiples of 32 work here (the trunk is fully convolutional).
+        """
+        self._check(x, exact=False)
         x = constrain(x.astype(dtype), _ACT)
         x = self.stem(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -253,10 +266,20 @@ class ModifiedResNet(nnx.Module):
         return x
 
     def __call__(self, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
-        """Pixels `[B, S, S, 3]` -> attention-pooled embedding `[B, embed_dim]` in `dtype` (open_clip `visual(x)`)."""
+        """Pixels `[B, S, S, 3]` (S = cfg.image_size) -> attention-pooled `[B, embed_dim]` in `dtype`.
+
+        Same as open_clip's `visual(x)`; not L2-normalised.
+        """
+        self._check(x, exact=True)
         return self.attnpool(self.features(x, dtype=dtype))
 
     def dense(self, x: jax.Array, *, dtype=jnp.float32, add_pos_embed: bool = False) -> jax.Array:
-        """MaskCLIP dense features `[B, grid*grid, embed_dim]` (row-major positions); see `AttentionPool2d.dense`."""
-        return self.attnpool.dense(self.features(x, dtype=dtype), add_pos_embed=add_pos_embed)
+        """MaskCLIP dense features `[B, h*w, embed_dim]` (row-major positions, h = H/32); see `AttentionPool2d.dense`.
 
+        Without the positional embedding (the MaskCLIP / GL-MCM default) any H, W that are
+        multiples of 32 work, e.g. MaskCLIP's larger segmentation inputs; `add_pos_embed=True`
+        needs `cfg.image_size`.
+        """
+        if add_pos_embed:
+            self._check(x, exact=True)
+        return self.attnpool.dense(self.features(x, dtype=dtype), add_pos_embed=add_pos_embed)
