@@ -10,11 +10,8 @@ Usage: python benchmarks/encode.py [--arch ViT-B-32] [--batch 32] [--iters 10] [
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
 import time
 
 import numpy as np
@@ -92,14 +89,10 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['tower']:<7}{r['dtype']:<10}{r['clipjax_per_s']:12.1f}{r['torch_per_s']:12.1f}{r['ratio']:8.2f}")
 
-    result = dict(
-        benchmark="encode", arch=args.arch, rows=rows,
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
-                     backend=jax.default_backend(), device=jax.devices()[0].device_kind),
-        versions=dict(jax=jax.__version__, torch=torch.__version__, open_clip=open_clip.__version__,
-                      clipjax=clipjax.__version__, python=sys.version.split()[0]),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python benchmarks/encode.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    from common import machine_info
+
+    result = dict(benchmark="encode", arch=args.arch, rows=rows, device=jax.devices()[0].device_kind,
+                  machine=machine_info(("open_clip_torch",), argv))
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"encode-{args.arch}-{'gpu' if gpu else 'cpu'}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

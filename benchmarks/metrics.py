@@ -22,48 +22,23 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import importlib.metadata as md
 import json
 import os
-import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import machine_info
 
 from clipjax import metrics
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for pkg in ("jax", "jaxlib", "numpy", "scipy", "scikit-learn", "torch", "vendi-score", "clip-mmd", "clip-benchmark"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.relpath(sys.executable)] + sys.argv),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "versions": versions,
-    }
+PACKAGES = ("scipy", "scikit-learn", "vendi-score", "clip-mmd", "clip-benchmark")
+
 
 
 def timed(fn, repeats: int = 3, single_above: float = 20.0) -> dict:
@@ -259,7 +234,7 @@ def main() -> None:
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    info = machine_info()
+    info = machine_info(PACKAGES)
     print(json.dumps(info, indent=1))
     runners = {"vendi": bench_vendi, "cmmd": bench_cmmd, "recall": bench_recall}
     all_rows = {}

@@ -31,48 +31,24 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import importlib.metadata as md
 import json
 import os
-import platform
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import machine_info
 
 import clipjax.ood as ood
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def machine_info(argv) -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for pkg in ("jax", "jaxlib", "numpy", "scipy", "scikit-learn", "torch", "pytorch-ood"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.relpath(sys.executable)] + argv),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "versions": versions,
-    }
+PACKAGES = ("scipy", "scikit-learn", "pytorch-ood")
+
 
 
 def unit(x):
@@ -243,7 +219,7 @@ def main(argv=None):
     from sklearn.metrics import roc_auc_score, roc_curve
 
     torch.set_num_threads(args.torch_threads)
-    info = machine_info(argv)
+    info = machine_info(PACKAGES, argv)
     t_start = time.perf_counter()
     n, k, m, d, chunk, small = args.n, args.k, args.m, args.d, args.chunk, args.small_n
     only = set(filter(None, args.only.split(",")))

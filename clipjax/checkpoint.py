@@ -11,6 +11,7 @@ renamed at the end, so a failed conversion leaves no partial output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -75,13 +76,9 @@ def pure_to_params(pure: dict, config: CLIPConfig) -> nnx.State:
             parts.append(f"shape mismatches {bad[:8]}")
         raise ConversionError("params do not match the architecture: " + "; ".join(parts))
     dtype = jnp.dtype(config.param_dtype)
-    arrays = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float32), dtype), _like(_strkeys(pure), want_tree(abstract)))
+    arrays = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float32), dtype), _like(_strkeys(pure), abstract.to_pure_dict()))
     nnx.replace_by_pure_dict(abstract, arrays)
     return abstract
-
-
-def want_tree(abstract: nnx.State) -> dict:
-    return abstract.to_pure_dict()
 
 
 @dataclass
@@ -146,19 +143,32 @@ def default_tokenizer(config: CLIPConfig):
     return Tokenizer.openai(context_length=config.text.context_length)
 
 
+@contextlib.contextmanager
+def atomic_folder(folder: str, overwrite: bool = False):
+    """Yield a temporary sibling folder that replaces `folder` only if the block succeeds."""
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(folder: str, config: CLIPConfig, params: nnx.State | dict, *, tokenizer_dir: str | None = None,
          source: dict | None = None, overwrite: bool = False) -> str:
     """Write a checkpoint folder atomically. `params`: an `nnx.State` or a pure dict (validated)."""
     import orbax.checkpoint as ocp
 
-    folder = os.path.abspath(folder)
-    if os.path.exists(folder) and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
     state = params if isinstance(params, nnx.State) else pure_to_params(params, config)
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
-    try:
+    with atomic_folder(folder, overwrite) as tmp:
         with open(os.path.join(tmp, "clipjax.json"), "w") as f:
             json.dump({"format": FORMAT, "version": VERSION, "config": config.to_dict(), "source": source or {}},
                       f, indent=2)
@@ -172,13 +182,7 @@ def save(folder: str, config: CLIPConfig, params: nnx.State | dict, *, tokenizer
             tok = default_tokenizer(config)
             if tok is not None:
                 tok.save(tok_out)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return os.path.abspath(folder)
 
 
 def read_config(folder: str) -> CLIPConfig:

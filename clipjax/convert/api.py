@@ -11,7 +11,7 @@ import numpy as np
 
 from clipjax.config import CLIPConfig, from_hf_config, from_open_clip_json, get_config
 from clipjax.convert import rules as R
-from clipjax.convert.core import config_for, detect_family, state_dict_to_pure
+from clipjax.convert.core import config_for, detect_family, rules_for, state_dict_to_pure
 from clipjax.convert.errors import ConversionError
 from clipjax.convert.sources import hf_config, read_state_dict
 
@@ -133,32 +133,19 @@ def export_hf(model, out: str, overwrite: bool = False) -> str:
     import transformers
     from safetensors.numpy import save_file
 
-    from clipjax.checkpoint import load
+    from clipjax.checkpoint import atomic_folder, load
 
     if isinstance(model, str):
         model = load(model)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     cfg = model.config
     d = hf_config_dict(cfg)
     kind = d.pop("model_type")
     family = "hf_siglip" if kind == "siglip" else "hf_clip"
-    from clipjax.convert.core import rules_for
-
     sd = R.invert_rules(rules_for(cfg, family), _flat_params(model.params))
     hf_cfg = (transformers.SiglipConfig if kind == "siglip" else transformers.CLIPConfig)(**d)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-tmp-", dir=parent)
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         hf_cfg.save_pretrained(tmp)
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -1,0 +1,41 @@
+"""Shared by the benchmark scripts: the machine / version record written into every result JSON."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata as md
+import os
+import platform
+import sys
+
+CORE_PACKAGES = ("jax", "jaxlib", "flax", "numpy", "torch")
+
+
+def machine_info(packages=(), argv=None) -> dict:
+    """Date, command, CPU, load, jax devices and package versions (None when not installed)."""
+    import jax
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for pkg in dict.fromkeys(CORE_PACKAGES + tuple(packages)):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.relpath(sys.executable), sys.argv[0]] + argv),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "versions": versions,
+    }
