@@ -111,3 +111,12 @@ def test_vmap_over_pairs_of_sets():
     got = jax.vmap(lambda a, b: metrics.cmmd(a, b, block_size=16))(xs, ys)
     want = [_ref64(x, y) for x, y in pairs]
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+def test_large_n_traces_without_int32_overflow():
+    """n * n pair counts exceed int32 from n = 46,341: tracing at n = 10^5 must not overflow."""
+    import jax
+
+    x = jax.ShapeDtypeStruct((100_000, 4), jnp.float32)
+    out = jax.eval_shape(lambda a, b: metrics.cmmd(a, b, validate=False), x, x)
+    assert out.shape == () and out.dtype == jnp.float32

@@ -75,9 +75,10 @@ def _expm1_kernel_sum(a, b, gamma, bs, symmetric, dtype):
 def _cmmd(x, y, sigma, scale, bs, dtype):
     gamma = 1.0 / (2.0 * sigma ** 2)
     n, m = x.shape[0], y.shape[0]
-    kxx = _expm1_kernel_sum(x, x, gamma, bs, True, dtype) / (n * n)
-    kyy = _expm1_kernel_sum(y, y, gamma, bs, True, dtype) / (m * m)
-    kxy = _expm1_kernel_sum(x, y, gamma, bs, False, dtype) / (n * m)
+    # pair counts as floats: n * n overflows int32 from n = 46,341 on
+    kxx = _expm1_kernel_sum(x, x, gamma, bs, True, dtype) / float(n * n)
+    kyy = _expm1_kernel_sum(y, y, gamma, bs, True, dtype) / float(m * m)
+    kxy = _expm1_kernel_sum(x, y, gamma, bs, False, dtype) / float(n * m)
     return scale * (kxx + kyy - 2.0 * kxy)
 
 
