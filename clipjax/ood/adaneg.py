@@ -41,8 +41,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clipjax.ood.neglabel import group_permutation, grouped_id_probability
-from clipjax.ood.scores import check_array, check_finite, check_same_dim, check_unique_rows, l2_normalize
+from clipjax.ood.neglabel import check_negative_inputs, grouped_id_probability
+from clipjax.ood.scores import l2_normalize
 
 __all__ = ["AdaNegOutput", "AdaNegState", "adaneg_scores", "adaneg_update", "init_memory"]
 
@@ -256,30 +256,16 @@ def adaneg_scores(image_emb: jax.Array, id_emb: jax.Array, neg_emb: jax.Array, *
     Returns:
       `AdaNegOutput` with `[N]` fields, or `(AdaNegOutput, AdaNegState)` with `return_state`.
     """
-    image_emb = check_array("image_emb", image_emb, 2)
-    id_emb = check_array("id_emb", id_emb, 2)
-    neg_emb = check_array("neg_emb", neg_emb, 2)
-    check_same_dim(("image_emb", "id_emb", "neg_emb"), image_emb, id_emb, neg_emb)
+    image_emb, id_emb, neg_emb, permutation = check_negative_inputs(image_emb, id_emb, neg_emb, num_groups,
+                                                                    permutation, seed, validate)
     m = neg_emb.shape[0]
-    if not 1 <= num_groups <= m:
-        raise ValueError(f"num_groups must be in [1, {m}] (the number of negative labels), got {num_groups}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if validate:
-        for name, x in (("image_emb", image_emb), ("id_emb", id_emb), ("neg_emb", neg_emb)):
-            check_finite(name, x)
-        check_unique_rows("id_emb", id_emb)
     if state is None:
         state = init_memory(id_emb, neg_emb, memory_length)
     elif state.memory.shape[0] != id_emb.shape[0] + m or state.memory.shape[2] != image_emb.shape[1]:
         raise ValueError(f"state holds {state.memory.shape[0]} slots of dimension {state.memory.shape[2]}; "
                          f"expected {id_emb.shape[0] + m} (K + M) of dimension {image_emb.shape[1]}")
-    if permutation is None and num_groups > 1:
-        permutation = group_permutation(m, num_groups, seed)
-    if permutation is not None:
-        permutation = jnp.asarray(permutation, jnp.int32)
-        if permutation.shape != (m - m % num_groups,):
-            raise ValueError(f"permutation must have shape ({m - m % num_groups},), got {tuple(permutation.shape)}")
     final, out = _adaneg_scan(state, image_emb, permutation, batch_size=batch_size, num_id=id_emb.shape[0],
                               num_groups=num_groups, logit_scale=logit_scale, threshold=threshold, gap=gap,
                               lambda_=lambda_, sample_adaptive=sample_adaptive, beta=beta)

@@ -221,6 +221,37 @@ def grouped_id_probability(pos_logits: jax.Array, neg_logits: jax.Array, num_gro
     return jnp.mean(jax.nn.sigmoid(lse_pos[..., None] - lse_neg), axis=-1)
 
 
+def check_negative_inputs(image_emb, id_emb, neg_emb, num_groups: int, permutation, seed, validate: bool):
+    """Shared input checks of NegLabel and AdaNeg; returns the arrays and the group permutation (or None).
+
+    Shapes: `[B, D]`, `[K, D]`, `[M, D]`; the permutation is `[M - M % G]` (drawn from `seed` when None
+    and G > 1). With `validate`, concrete inputs are checked for NaN/inf and duplicate ID labels.
+    """
+    image_emb = check_array("image_emb", image_emb, 2)
+    id_emb = check_array("id_emb", id_emb, 2)
+    neg_emb = check_array("neg_emb", neg_emb, 2)
+    check_same_dim(("image_emb", "id_emb", "neg_emb"), image_emb, id_emb, neg_emb)
+    m = neg_emb.shape[0]
+    if not 1 <= num_groups <= m:
+        raise ValueError(f"num_groups must be in [1, {m}] (the number of negative labels), got {num_groups}")
+    if validate:
+        for name, x in (("image_emb", image_emb), ("id_emb", id_emb), ("neg_emb", neg_emb)):
+            check_finite(name, x)
+        check_unique_rows("id_emb", id_emb)
+    if permutation is None and num_groups > 1:
+        permutation = group_permutation(m, num_groups, seed)
+    if permutation is not None:
+        permutation = jnp.asarray(permutation, jnp.int32)
+        if permutation.shape != (m - m % num_groups,):
+            raise ValueError(f"permutation must have shape ({m - m % num_groups},) for {m} negatives in "
+                             f"{num_groups} groups, got {tuple(permutation.shape)}")
+        if validate and is_concrete(permutation):
+            p = np.asarray(permutation)
+            if not np.array_equal(np.sort(p), np.arange(p.shape[0])):
+                raise ValueError("permutation is not a permutation of range(M - M % num_groups)")
+    return image_emb, id_emb, neg_emb, permutation
+
+
 @partial(jax.jit, static_argnames=("num_groups",))
 def _neglabel(image_emb, id_emb, neg_emb, logit_scale, num_groups, permutation):
     x = l2_normalize(image_emb)
@@ -247,26 +278,6 @@ def neglabel_score(image_emb: jax.Array, id_emb: jax.Array, neg_emb: jax.Array, 
     Returns:
       `[B]` scores in (0, 1).
     """
-    image_emb = check_array("image_emb", image_emb, 2)
-    id_emb = check_array("id_emb", id_emb, 2)
-    neg_emb = check_array("neg_emb", neg_emb, 2)
-    check_same_dim(("image_emb", "id_emb", "neg_emb"), image_emb, id_emb, neg_emb)
-    m = neg_emb.shape[0]
-    if not 1 <= num_groups <= m:
-        raise ValueError(f"num_groups must be in [1, {m}] (the number of negative labels), got {num_groups}")
-    if validate:
-        for name, x in (("image_emb", image_emb), ("id_emb", id_emb), ("neg_emb", neg_emb)):
-            check_finite(name, x)
-        check_unique_rows("id_emb", id_emb)
-    if permutation is None and num_groups > 1:
-        permutation = group_permutation(m, num_groups, seed)
-    if permutation is not None:
-        permutation = jnp.asarray(permutation, jnp.int32)
-        if permutation.shape != (m - m % num_groups,):
-            raise ValueError(f"permutation must have shape ({m - m % num_groups},) for {m} negatives in "
-                             f"{num_groups} groups, got {tuple(permutation.shape)}")
-        if validate and is_concrete(permutation):
-            p = np.asarray(permutation)
-            if not np.array_equal(np.sort(p), np.arange(p.shape[0])):
-                raise ValueError("permutation is not a permutation of range(M - M % num_groups)")
+    image_emb, id_emb, neg_emb, permutation = check_negative_inputs(image_emb, id_emb, neg_emb, num_groups,
+                                                                    permutation, seed, validate)
     return _neglabel(image_emb, id_emb, neg_emb, logit_scale, num_groups, permutation)
