@@ -11,3 +11,20 @@ def assert_close_scaled(actual, expected, rel=1e-5, what="values"):
     err = float(np.abs(a - b).max())
     assert err <= rel * scale, f"{what}: max abs diff {err:.3g} > {rel:g} x scale {scale:.3g}"
     return err
+
+
+def tiny_checkpoint(folder: str) -> str:
+    """A random-init clipjax checkpoint of a tiny ViT-B-32-shaped model (CLIP vocabulary), saved to `folder`."""
+    import dataclasses
+
+    import clipjax
+    from clipjax.checkpoint import save
+    from clipjax.models.clip import init_params
+
+    cfg = clipjax.get_config("ViT-B-32")
+    cfg = cfg.replace(embed_dim=16,
+                      vision=dataclasses.replace(cfg.vision, image_size=32, patch_size=16, width=32, layers=1,
+                                                 heads=2, mlp_dim=64),
+                      text=dataclasses.replace(cfg.text, width=32, heads=2, layers=1, mlp_dim=64))
+    save(folder, cfg, init_params(cfg, seed=0))
+    return folder

@@ -11,7 +11,6 @@ numpy/scikit-learn/vendi-score oracles in float64. Tolerances: discrete metrics
 CLI encodes on 8 sharded devices in padded batches, the oracle on one device).
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -21,22 +20,13 @@ import numpy as np
 import pytest
 
 import clipjax
+from helpers import tiny_checkpoint
 from clipjax.cli import main
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from clipjax.checkpoint import save
-    from clipjax.models.clip import init_params
-
-    cfg = clipjax.get_config("ViT-B-32")
-    cfg = cfg.replace(embed_dim=16,
-                      vision=dataclasses.replace(cfg.vision, image_size=32, patch_size=16, width=32, layers=1,
-                                                 heads=2, mlp_dim=64),
-                      text=dataclasses.replace(cfg.text, width=32, heads=2, layers=1, mlp_dim=64))
-    folder = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    save(folder, cfg, init_params(cfg, seed=0))
-    return folder
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 
 @pytest.fixture(scope="module")

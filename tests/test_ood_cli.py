@@ -10,7 +10,6 @@ of 4 + 4 distinct scores do not move under 1e-6 perturbations); the CLI encodes 
 devices in padded batches, the oracle on one device.
 """
 
-import dataclasses
 import json
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 import clipjax
+from helpers import tiny_checkpoint
 from clipjax.cli import main
 
 ID_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -30,17 +30,7 @@ ADJS = ["red", "quiet", "ancient", "smooth", "bright", "heavy", "narrow", "golde
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from clipjax.checkpoint import save
-    from clipjax.models.clip import init_params
-
-    cfg = clipjax.get_config("ViT-B-32")
-    cfg = cfg.replace(embed_dim=16,
-                      vision=dataclasses.replace(cfg.vision, image_size=32, patch_size=16, width=32, layers=1,
-                                                 heads=2, mlp_dim=64),
-                      text=dataclasses.replace(cfg.text, width=32, heads=2, layers=1, mlp_dim=64))
-    folder = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    save(folder, cfg, init_params(cfg, seed=0))
-    return folder
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 
 def _photo(name):
