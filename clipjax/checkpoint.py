@@ -197,8 +197,23 @@ def read_config(folder: str) -> CLIPConfig:
     return CLIPConfig.from_dict(d["config"])
 
 
+def params_dir(folder: str) -> str:
+    """Where a folder's params are: `params/` of a converted checkpoint, or, in a training workdir,
+    `checkpoints/STEP/params` of the newest complete step."""
+    direct = os.path.join(folder, "params")
+    root = os.path.join(folder, "checkpoints")
+    if os.path.isdir(direct) or not os.path.isdir(root):
+        return direct
+    steps = [int(n) for n in os.listdir(root)
+             if n.isdigit() and os.path.isdir(os.path.join(root, n, "params"))]
+    if not steps:
+        raise ConversionError(f"{folder}: a training workdir with no complete checkpoint in {root}")
+    return os.path.join(root, str(max(steps)), "params")
+
+
 def load(folder: str, mesh=None, config_overrides: dict | None = None) -> Model:
-    """Load a checkpoint folder; with `mesh`, params are restored directly sharded by the logical rules."""
+    """Load a checkpoint folder or a training workdir (its newest checkpoint); with `mesh`, params are
+    restored directly sharded by the logical rules."""
     import orbax.checkpoint as ocp
 
     from clipjax.sharding import param_shardings
@@ -218,7 +233,7 @@ def load(folder: str, mesh=None, config_overrides: dict | None = None) -> Model:
                           abstract.to_pure_dict(), shard_tree)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.join(folder, "params"), _strkeys(target))
+            restored = ckptr.restore(params_dir(folder), _strkeys(target))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ConversionError(f"{folder}: params do not match the stored config or are damaged: {e}") from None
     nnx.replace_by_pure_dict(abstract, _like(restored, abstract.to_pure_dict()))

@@ -59,6 +59,11 @@ def _infer_text(sd: dict, act: str, p: str, causal=True, pool="argmax", eps=1e-5
                       proj_bias=f"{p}text_projection.bias" in sd, ln_eps=eps)
 
 
+def _bias_init(sd: dict) -> float | None:
+    """A CLIP-tower state dict with a `logit_bias` is a SigLIP-loss model (its value is loaded; -10 is the init)."""
+    return -10.0 if "logit_bias" in sd else None
+
+
 def infer_config(sd: dict, family: str, act: str = "gelu") -> CLIPConfig:
     """Architecture from tensor shapes. Head counts follow open_clip's 64-wide heads (SigLIP: known widths)."""
     try:
@@ -69,7 +74,8 @@ def infer_config(sd: dict, family: str, act: str = "gelu") -> CLIPConfig:
                                   layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=width // 64,
                                   mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=act)
             text = _infer_text(sd, act, _text_prefix(sd))
-            return CLIPConfig(embed_dim=sd["visual.proj"].shape[1], vision=vision, text=text)
+            return CLIPConfig(embed_dim=sd["visual.proj"].shape[1], vision=vision, text=text,
+                              init_logit_bias=_bias_init(sd))
         if family == "openai_rn":
             width = sd["visual.layer1.0.conv1.weight"].shape[1]
             layers = tuple(_count(sd, rf"visual\.layer{s}\.(\d+)\.") for s in range(1, 5))
@@ -77,7 +83,8 @@ def infer_config(sd: dict, family: str, act: str = "gelu") -> CLIPConfig:
             embed = sd["visual.attnpool.c_proj.weight"].shape[0]
             vision = VisionConfig(arch="resnet", image_size=grid * 32, width=width, layers=layers,
                                   heads=width * 32 // 64, mlp_dim=0, pool="attnpool", ln_pre=False)
-            return CLIPConfig(embed_dim=embed, vision=vision, text=_infer_text(sd, act, _text_prefix(sd)))
+            return CLIPConfig(embed_dim=embed, vision=vision, text=_infer_text(sd, act, _text_prefix(sd)),
+                              init_logit_bias=_bias_init(sd))
         if family == "open_clip_siglip":
             t = "visual.trunk."
             width, _, patch, _ = sd[f"{t}patch_embed.proj.weight"].shape
@@ -111,8 +118,9 @@ def rules_for(config: CLIPConfig, family: str, sd: dict | None = None) -> list[R
     raise ConversionError(f"unknown family {family!r}")
 
 
-def check_compatible(config: CLIPConfig, family: str) -> None:
-    siglip = family in ("open_clip_siglip", "hf_siglip")
+def check_compatible(config: CLIPConfig, family: str, sd: dict | None = None) -> None:
+    # open_clip CLIP towers with a SigLIP logit bias (`init_logit_bias` on any CLIP config) count as SigLIP
+    siglip = family in ("open_clip_siglip", "hf_siglip") or "logit_bias" in (sd or {})
     if siglip != config.is_siglip:
         raise ConversionError(f"the checkpoint is a {'SigLIP' if siglip else 'CLIP'} model ({family}) but the "
                               f"architecture given is {'SigLIP' if config.is_siglip else 'CLIP'}")
@@ -134,7 +142,7 @@ def _nest(flat: dict[str, np.ndarray]) -> dict:
 
 def state_dict_to_pure(sd: dict, config: CLIPConfig, family: str) -> dict:
     """Convert a state dict to a nested pure dict of clipjax params (numpy arrays)."""
-    check_compatible(config, family)
+    check_compatible(config, family, sd)
     ignore = ("visual.",) if family == "openai_rn" else ()
     pure = _nest(R.apply_rules(rules_for(config, family, sd), sd, prefix_ignore=ignore))
     if family == "openai_rn":

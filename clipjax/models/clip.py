@@ -50,20 +50,24 @@ class CLIP(nnx.Module):
 def graphdef(config: CLIPConfig) -> nnx.GraphDef:
     """The static structure of `CLIP(config)` (computed abstractly, no params allocated)."""
     abstract = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract, nnx.Param)[0]
+    return nnx.split(abstract)[0]
 
 
 def abstract_params(config: CLIPConfig) -> nnx.State:
-    """Shape/dtype structure of the params (`jax.ShapeDtypeStruct` leaves), with their metadata."""
+    """Shape/dtype structure of the model state (`jax.ShapeDtypeStruct` leaves), with their metadata.
+
+    The state holds every `nnx.Param` and, for ResNet towers, the BatchNorm running statistics
+    (`nnx.BatchStat`); `split_trainable` separates the two for training.
+    """
     abstract = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract, nnx.Param)[1]
+    return nnx.split(abstract)[1]
 
 
 def init_params(config: CLIPConfig, seed: int = 0, mesh=None) -> nnx.State:
-    """Randomly initialised params; created directly sharded on `mesh` when given."""
+    """Randomly initialised model state; created directly sharded on `mesh` when given."""
 
     def init():
-        return nnx.split(CLIP(config, rngs=nnx.Rngs(seed)), nnx.Param)[1]
+        return nnx.split(CLIP(config, rngs=nnx.Rngs(seed)))[1]
 
     if mesh is None:
         return jax.jit(init)()
@@ -97,12 +101,57 @@ def _check_ids(ids, config: CLIPConfig):
         raise ValueError(f"token ids have length {ids.shape[1]} > context_length {config.text.context_length}")
 
 
-def _image_features(model: CLIP, pixels, config: CLIPConfig):
+def _image_features(model: CLIP, pixels, config: CLIPConfig, *, train: bool = False, patch_dropout: float = 0.0,
+                    rng=None):
     _check_pixels(pixels, config)
     x = pixels.astype(config.dtype)
     if config.vision.arch == "resnet":
+        if patch_dropout:
+            raise ValueError("patch_dropout needs a ViT image tower")
+        if train:
+            return model.visual(x, dtype=jnp.dtype(config.dtype), train=True)
         return model.visual(x, dtype=jnp.dtype(config.dtype))
-    return model.visual(x, scan=config.scan_layers, remat=config.remat)
+    return model.visual(x, scan=config.scan_layers, remat=config.remat, patch_dropout=patch_dropout, rng=rng)
+
+
+def split_trainable(state: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """`(params, batch_stats)`: the trainable `nnx.Param`s and the BatchNorm statistics (empty for ViTs).
+
+    `merge_state(params, batch_stats)` gives the full model state back.
+    """
+    return nnx.split_state(state, nnx.Param, nnx.BatchStat)
+
+
+def merge_state(params: nnx.State, batch_stats: nnx.State) -> nnx.State:
+    """Inverse of `split_trainable`."""
+    return nnx.merge_state(params, batch_stats)
+
+
+def forward(params: nnx.State, pixels: jax.Array, ids: jax.Array, *, config: CLIPConfig, train: bool = False,
+            patch_dropout: float = 0.0, rng: jax.Array | None = None) -> dict:
+    """Both towers in one pass, for a contrastive loss (call inside `jax.jit`).
+
+    Args:
+      params: the full model state (Params and, for ResNet towers, BatchNorm statistics).
+      pixels: `[B, H, W, 3]` preprocessed float pixels.
+      ids: `[B, L]` int token ids.
+      train: ResNet BatchNorm uses batch statistics and updates its running averages.
+      patch_dropout: FLIP image-token drop ratio in [0, 1) (ViT only); needs `rng`.
+
+    Returns:
+      `{"image": [B, E], "text": [B, E]}` L2-normalised float32 embeddings, `"logit_scale"`: the
+      multiplier `exp(params.logit_scale)` (float32 scalar), `"logit_bias"`: SigLIP's bias or None,
+      `"batch_stats"`: the BatchNorm statistics after the pass (updated in train mode; empty State
+      for ViTs).
+    """
+    _check_ids(ids, config)
+    model = _merge(params, config)
+    img = _image_features(model, pixels, config, train=train, patch_dropout=patch_dropout, rng=rng)
+    txt = model.text(ids, dtype=jnp.dtype(config.dtype), scan=config.scan_layers, remat=config.remat)
+    bias = model.logit_bias[...].astype(jnp.float32) if model.logit_bias is not None else None
+    return {"image": l2_normalize(img), "text": l2_normalize(txt),
+            "logit_scale": jnp.exp(model.logit_scale[...].astype(jnp.float32)), "logit_bias": bias,
+            "batch_stats": nnx.state(model, nnx.BatchStat)}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "normalize"))

@@ -52,6 +52,24 @@ def resize_pos_grid(pos: jax.Array, grid_in: int, grid_out: int) -> jax.Array:
     return g.reshape(grid_out * grid_out, -1)
 
 
+def drop_patches(x: jax.Array, ratio: float, rng: jax.Array, num_prefix: int) -> jax.Array:
+    """Keep a random subset of `max(1, int(P * (1 - ratio)))` patch tokens per example (FLIP).
+
+    `x` `[B, num_prefix + P, D]`; the first `num_prefix` tokens (class token) are always kept.
+    Kept tokens stay in their original order. Same rule as open_clip's `PatchDropout`
+    (the top-k of Gaussian noise per row), with JAX random numbers.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"patch_dropout must be in [0, 1), got {ratio}")
+    b, t, _ = x.shape
+    p = t - num_prefix
+    keep = max(1, int(p * (1.0 - ratio)))
+    noise = jax.random.normal(rng, (b, p))
+    idx = jnp.sort(jax.lax.top_k(noise, keep)[1], axis=-1)
+    patches = jnp.take_along_axis(x[:, num_prefix:], idx[..., None], axis=1)
+    return jnp.concatenate([x[:, :num_prefix], patches], axis=1)
+
+
 class MAPHead(nnx.Module):
     """Multihead attention pooling: a learned probe attends over the tokens, then an MLP residual."""
 
@@ -127,9 +145,19 @@ class VisionTransformer(nnx.Module):
         return x if self.proj is None else x @ self.proj[...].astype(x.dtype)
 
     # -- entry points
-    def __call__(self, pixels: jax.Array, *, scan: bool = True, remat: str = "none") -> jax.Array:
-        """`[B, H, W, 3]` -> pooled, projected `[B, E]` (not normalised)."""
-        x = self.transformer(self.embed(pixels), causal=False, scan=scan, remat=remat)
+    def __call__(self, pixels: jax.Array, *, scan: bool = True, remat: str = "none", patch_dropout: float = 0.0,
+                 rng: jax.Array | None = None) -> jax.Array:
+        """`[B, H, W, 3]` -> pooled, projected `[B, E]` (not normalised).
+
+        `patch_dropout` > 0 (training only, needs `rng`) keeps a random `1 - patch_dropout` of the patch
+        tokens of each image (FLIP; open_clip's `PatchDropout`), class token always kept.
+        """
+        x = self.embed(pixels)
+        if patch_dropout > 0:
+            if rng is None:
+                raise ValueError("patch_dropout > 0 needs an rng key")
+            x = drop_patches(x, patch_dropout, rng, int(self.cfg.class_token))
+        x = self.transformer(x, causal=False, scan=scan, remat=remat)
         return self.pool(x)
 
     def hidden_states(self, pixels: jax.Array, *, scan: bool = True) -> jax.Array:

@@ -1,0 +1,176 @@
+"""Training checkpoints: an Orbax `CheckpointManager` over `WORKDIR/checkpoints/STEP/`.
+
+Each step folder holds four items:
+  params/   the full model state (Params and BatchNorm statistics) in the same layout as a
+            converted checkpoint's `params/`, so `clipjax.load(WORKDIR)` reads the latest one;
+  train/    step, RNG key, optimizer state (as its flattened leaves) and the EMA params;
+  data/     the data iterator's state (JSON);
+  meta/     the model and train configs (JSON).
+`WORKDIR/clipjax.json` names the model's architecture, as in a converted checkpoint folder.
+
+Saves are asynchronous and atomic (Orbax writes a temporary folder and renames it when the save
+is complete), so a run killed mid-save leaves the previous checkpoints intact. Restore walks
+from the newest step down and reports every checkpoint it cannot read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from clipjax.checkpoint import FORMAT, VERSION, _like, _strkeys
+from clipjax.config import CLIPConfig
+from clipjax.train.state import TrainState
+
+ITEMS = ("params", "train", "data", "meta")
+
+
+class WorkdirError(ValueError):
+    """The workdir holds something this run cannot continue from."""
+
+
+def architecture(config: CLIPConfig) -> CLIPConfig:
+    """`config` with its run-time options (dtypes, scan, remat, attention backend) at their defaults."""
+    return config.replace(dtype="float32", param_dtype="float32", scan_layers=True, remat="none", attention="xla")
+
+
+def check_workdir(workdir: str, model_config: CLIPConfig) -> None:
+    """Refuse a workdir that holds another model: compares architectures, before anything is written."""
+    meta = os.path.join(workdir, "clipjax.json")
+    if not os.path.exists(meta):
+        ours = [n for n in ("checkpoints", "params", "metrics.jsonl") if os.path.exists(os.path.join(workdir, n))]
+        if ours:
+            raise WorkdirError(f"{workdir} holds {ours} but no clipjax.json: not a clipjax training workdir; "
+                               "use a new --workdir")
+        return
+    with open(meta) as f:
+        d = json.load(f)
+    if d.get("format") != FORMAT:
+        raise WorkdirError(f"{meta}: format {d.get('format')!r} is not {FORMAT!r}")
+    stored = architecture(CLIPConfig.from_dict(d["config"]))
+    want = architecture(model_config)
+    if stored != want:
+        diff = {k: (v, want.to_dict()[k]) for k, v in stored.to_dict().items() if want.to_dict()[k] != v}
+        raise WorkdirError(f"{workdir} holds a checkpoint of another architecture; differing fields "
+                           f"(stored, requested): {diff}. Use a new --workdir.")
+
+
+def write_model_meta(workdir: str, model_config: CLIPConfig, train_config: dict) -> None:
+    """`WORKDIR/clipjax.json` (process 0; atomic rename)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "clipjax.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT, "version": VERSION, "config": architecture(model_config).to_dict(),
+                   "source": {"kind": "train", "train_config": train_config}}, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _opt_leaves(opt_state) -> dict:
+    return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))}
+
+
+class Checkpointer:
+    """Save and restore `TrainState`s plus data-iterator state under `WORKDIR/checkpoints`."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, keep_every: int | None = None, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def save(self, state: TrainState, data_state: dict, meta: dict) -> None:
+        step = int(jax.device_get(state.step))
+        model_state = nnx.merge_state(state.params, state.batch_stats)
+        train = {"step": state.step, "rng": state.rng, "opt": _opt_leaves(state.opt_state)}
+        if state.ema is not None:
+            train["ema"] = _strkeys(state.ema.to_pure_dict())
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(_strkeys(model_state.to_pure_dict())),
+            train=ocp.args.StandardSave(train),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore(self, abstract: TrainState, shardings: Any = None, log=print) -> tuple[TrainState, dict] | None:
+        """The newest readable checkpoint as `(state, data_state)`, or None when there is none.
+
+        `abstract` is the `jax.eval_shape` of the state (and `shardings` its placement on a mesh).
+        A checkpoint that cannot be read is reported through `log` and the previous one is tried.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return self._restore_step(step, abstract, shardings)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
+                log(f"checkpoint at step {step} in {self.directory} cannot be restored "
+                    f"({type(e).__name__}: {str(e)[:300]}); trying the previous one")
+        if steps:
+            raise WorkdirError(f"no checkpoint in {self.directory} could be restored (steps {steps})")
+        return None
+
+    def _restore_step(self, step: int, abstract: TrainState, shardings: Any) -> tuple[TrainState, dict]:
+        def target(tree, sh):
+            if sh is None:
+                dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+                return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), tree)
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+
+        def pure(tree):
+            return tree.to_pure_dict() if isinstance(tree, nnx.State) else tree
+
+        sh = shardings
+        model_abs = nnx.merge_state(abstract.params, abstract.batch_stats)
+        model_sh = None if sh is None else nnx.merge_state(sh.params, sh.batch_stats)
+        params_t = target(pure(model_abs), None if sh is None else pure(model_sh))
+        opt_leaves_abs = jax.tree.leaves(abstract.opt_state)
+        opt_sh = [None] * len(opt_leaves_abs) if sh is None else jax.tree.leaves(sh.opt_state)
+        train_t = {"step": abstract.step, "rng": abstract.rng,
+                   "opt": {f"{i:05d}": leaf for i, leaf in enumerate(opt_leaves_abs)}}
+        train_sh = None
+        if sh is not None:
+            train_sh = {"step": sh.step, "rng": sh.rng, "opt": {f"{i:05d}": s for i, s in enumerate(opt_sh)}}
+        if abstract.ema is not None:
+            train_t["ema"] = pure(abstract.ema)
+            if sh is not None:
+                train_sh["ema"] = pure(sh.ema)
+        train_t = target(train_t, train_sh)
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_strkeys(params_t)),
+            train=ocp.args.StandardRestore(_strkeys(train_t)),
+            data=ocp.args.JsonRestore()))
+        model_state = jax.tree.map(lambda a: a, model_abs)
+        nnx.replace_by_pure_dict(model_state, _like(got["params"], pure(model_abs)))
+        params, stats = nnx.split_state(model_state, nnx.Param, nnx.BatchStat)
+        tr = got["train"]
+        opt_state = jax.tree.unflatten(jax.tree.structure(abstract.opt_state),
+                                       [tr["opt"][f"{i:05d}"] for i in range(len(opt_leaves_abs))])
+        ema = None
+        if abstract.ema is not None:
+            ema = jax.tree.map(lambda a: a, abstract.ema)
+            nnx.replace_by_pure_dict(ema, _like(tr["ema"], pure(abstract.ema)))
+        state = TrainState(step=tr["step"], params=params, batch_stats=stats, opt_state=opt_state, ema=ema,
+                           rng=tr["rng"])
+        return state, got["data"]
+
+
+def log_stderr(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
