@@ -32,13 +32,21 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from clipjax.sharding import constrain
+
 __all__ = ["accumulate_contrastive_grads", "split_micro_batches"]
 
 PyTree = Any
 
 
 def split_micro_batches(batch: PyTree, num_micro_batches: int) -> PyTree:
-    """Reshape every leaf `[B, ...]` of `batch` to `[K, B / K, ...]`.
+    """Split every leaf `[B, ...]` of `batch` into K strided micro-batches `[K, B / K, ...]`.
+
+    Micro-batch `k` holds rows `k, k + K, k + 2K, ...`. On a mesh the batch is split over devices in
+    contiguous blocks of `B / n` rows, so with `B / n` divisible by K every micro-batch still has
+    `B / (n K)` rows on every device: all devices work on every micro-batch (a contiguous split
+    would put each micro-batch on a subset of the devices). The micro-batch axis is constrained
+    replicated and the rows over the batch axes (`clipjax.sharding`), so XLA keeps that layout.
 
     Raises:
       ValueError: B is not divisible by `num_micro_batches` or leaves disagree on B.
@@ -52,13 +60,22 @@ def split_micro_batches(batch: PyTree, num_micro_batches: int) -> PyTree:
     (b,) = sizes
     if num_micro_batches < 1 or b % num_micro_batches:
         raise ValueError(f"batch B={b} is not divisible into {num_micro_batches} micro-batches")
-    return jax.tree.map(lambda x: x.reshape((num_micro_batches, b // num_micro_batches) + x.shape[1:]),
-                        batch)
+    k = num_micro_batches
+
+    def split(x):
+        y = jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+        return constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+    return jax.tree.map(split, batch)
 
 
 def _merge_micro(tree: PyTree) -> PyTree:
-    """`[K, b, ...]` -> `[K * b, ...]` on every leaf."""
-    return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
+    """Inverse of `split_micro_batches`: `[K, b, ...]` -> `[K * b, ...]` in the original row order."""
+    def merge(x):
+        y = jnp.swapaxes(x, 0, 1)
+        return constrain(y.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), ("batch",) + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(merge, tree)
 
 
 def accumulate_contrastive_grads(encode_fn: Callable[[PyTree, PyTree], PyTree],
@@ -70,8 +87,8 @@ def accumulate_contrastive_grads(encode_fn: Callable[[PyTree, PyTree], PyTree],
       encode_fn: `encode_fn(params, micro_batch) -> features`, a pytree of
         `[b, ...]` arrays (e.g. `(image_emb [b, D], text_emb [b, D])`).
       loss_fn: `loss_fn(params, features) -> scalar`, where `features` has
-        the same structure with leaves `[K * b, ...]` (micro-batches
-        concatenated in order). `params` is passed so the loss can use
+        the same structure with leaves `[K * b, ...]` (the whole batch,
+        rows in their original order). `params` is passed so the loss can use
         learned scalars (logit scale, bias).
       params: the parameter pytree to differentiate.
       micro_batches: pytree of `[K, b, ...]` leaves (see `split_micro_batches`).
@@ -89,7 +106,7 @@ def accumulate_contrastive_grads(encode_fn: Callable[[PyTree, PyTree], PyTree],
     loss, (grad_direct, grad_features) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
         params, _merge_micro(cached))
     k = jax.tree.leaves(micro_batches)[0].shape[0]
-    grad_features = jax.tree.map(lambda g: g.reshape((k, g.shape[0] // k) + g.shape[1:]), grad_features)
+    grad_features = split_micro_batches(grad_features, k)
 
     # 3. re-encode each micro-batch with gradients and pull its feature cotangent back
     def step(acc, inputs):
