@@ -22,7 +22,7 @@ from flax import nnx
 from clipjax.config import PRESETS, VisionConfig
 from clipjax.convert.errors import ConversionError
 from clipjax.convert.resnet_keys import key_table, resnet_from_torch, resnet_to_torch
-from clipjax.models.resnet import FrozenStat, ModifiedResNet
+from clipjax.models.resnet import BatchNorm, ModifiedResNet
 from clipjax.sharding import batch_sharding, make_mesh, shard_params
 
 RTOL = 1e-5  # max abs error relative to the reference output's max abs value (fp32)
@@ -90,9 +90,9 @@ def _state_dict(module) -> dict[str, np.ndarray]:
 
 
 def _load(cfg: VisionConfig, embed_dim: int, pure: dict):
-    """A clipjax model holding `pure` (no random init: shapes from eval_shape)."""
+    """A clipjax model holding `pure` (no random init: shapes from eval_shape); state = Params + BatchStats."""
     abstract = nnx.eval_shape(lambda: ModifiedResNet(cfg, embed_dim, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract, nnx.Param)
+    graphdef, state = nnx.split(abstract)
     state.replace_by_pure_dict(jax.tree.map(jnp.asarray, pure))
     return graphdef, state
 
@@ -269,9 +269,9 @@ def test_rn50_keys_round_trip(rn50):
 
 @pytest.mark.parametrize("cfg,embed", [(TINY, TINY_EMBED), (PRESETS["RN50"].vision, 1024)])
 def test_key_table_matches_module_tree(cfg, embed):
-    """The hand-written key table produces exactly the module's Param tree (paths and shapes)."""
+    """The hand-written key table produces exactly the module's state tree (Params + BN stats; paths and shapes)."""
     abstract = nnx.eval_shape(lambda: ModifiedResNet(cfg, embed, rngs=nnx.Rngs(0)))
-    want = nnx.state(abstract, nnx.Param).to_pure_dict()
+    want = nnx.state(abstract).to_pure_dict()
     got: dict = {}
     for _, path, shape, kind in key_table(cfg, embed):
         node = got
@@ -297,7 +297,7 @@ def test_tiny_keys_round_trip_and_export_loads_in_open_clip(tiny, fresh, pixels)
         if not k.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
 
-    pure = jax.tree.map(np.array, nnx.state(fresh, nnx.Param).to_pure_dict())
+    pure = jax.tree.map(np.array, nnx.state(fresh).to_pure_dict())
     for blocks in (pure["layer1"], pure["layer2"]):  # non-zero residual branches, non-trivial stats
         for blk in blocks.values():
             blk["bn3"]["scale"] = np.full_like(blk["bn3"]["scale"], 0.7)
@@ -376,7 +376,11 @@ def test_sharded_forward_equals_unsharded(tiny, mesh8, axes):
 def test_init_follows_open_clip_init_parameters(fresh):
     """Oracle: open_clip `ModifiedResNet.init_parameters` + torch default BN/conv init."""
     model = fresh
-    assert len(jax.tree.leaves(nnx.state(model))) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_params = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_stats = len(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    assert len(jax.tree.leaves(nnx.state(model))) == n_params + n_stats  # no other state (e.g. no rng keys)
+    n_bn = sum(isinstance(m, BatchNorm) for _, m in nnx.iter_graph(model))
+    assert n_bn > 0 and n_stats == 2 * n_bn  # each BatchNorm: running mean and var
     c = TINY.width * 32
     pool = model.attnpool
     for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
@@ -398,7 +402,7 @@ def test_init_follows_open_clip_init_parameters(fresh):
     assert np.abs(k).max() <= bound and np.abs(k).max() > 0.95 * bound
     # a fresh model runs and gives finite, input-dependent outputs
     x = np.random.default_rng(0).normal(size=(2, TINY.image_size, TINY.image_size, 3)).astype(np.float32)
-    y = np.asarray(_run(*nnx.split(model, nnx.Param), x)["pooled"])
+    y = np.asarray(_run(*nnx.split(model), x)["pooled"])
     assert np.isfinite(y).all() and np.abs(y[0] - y[1]).max() > 0
 
 
@@ -408,10 +412,16 @@ def test_param_metadata_and_frozen_stats(tiny):
     assert model.layer3[0].conv2.kernel.get_metadata()["out_sharding"] == (None, None, "embed", "mlp")
     assert model.conv1.kernel.get_metadata()["out_sharding"] == (None, None, None, "mlp")
     assert model.attnpool.c_proj.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
-    assert isinstance(model.bn1.mean, FrozenStat) and isinstance(model.bn1.mean, nnx.Param)
+    # running statistics are BatchStats, never Params: an optimiser over nnx.Param cannot see them
+    assert isinstance(model.bn1.mean, nnx.BatchStat) and not isinstance(model.bn1.mean, nnx.Param)
+    assert isinstance(model.bn1.scale, nnx.Param)
+    assert model.bn1.var.get_metadata()["out_sharding"] == (None,)
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    assert set(params["layer1"][0]["bn1"]) == {"scale", "bias"}
+    assert set(nnx.state(model, nnx.BatchStat).to_pure_dict()["layer1"][0]["bn1"]) == {"mean", "var"}
 
-    bn = model.layer2[0].bn2  # gradients through one BN layer (cheap to compile)
-    bn_def, bn_state = nnx.split(bn, nnx.Param)
+    bn = model.layer2[0].bn2  # gradients through one BN layer (cheap to compile), eval mode
+    bn_def, bn_state = nnx.split(bn)  # differentiate w.r.t. the full state, statistics included
     h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, bn.scale.shape[0])), jnp.float32)
     grads = jax.jit(jax.grad(lambda st: jnp.sum(nnx.merge(bn_def, st)(h) ** 2)))(bn_state).to_pure_dict()
     assert np.abs(np.asarray(grads["scale"])).min() > 0  # trainable
@@ -428,7 +438,7 @@ def test_bfloat16_compute_and_params(tiny, pixels):
     assert got.dtype == jnp.bfloat16
     _close(got, want, rtol=5e-2)
     abstract = nnx.eval_shape(lambda: ModifiedResNet(TINY, TINY_EMBED, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(abstract, nnx.Param))}
+    dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(abstract))}  # Params and BatchStats
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 

@@ -2,12 +2,14 @@
 
 Pure numpy; no torch import. A torch state dict (`{name: np.ndarray}`, keys such
 as `visual.layer1.0.downsample.0.weight`) becomes the nested pure dict of
-`nnx.state(ModifiedResNet(cfg, embed_dim), nnx.Param).to_pure_dict()` and back.
+`nnx.state(ModifiedResNet(cfg, embed_dim)).to_pure_dict()` (Params and the BatchNorm
+statistics, which are `nnx.BatchStat`s) and back.
 
 Layout changes: conv weights OIHW -> HWIO `[kh, kw, in, out]`; Linear weights
 `[out, in]` -> kernels `[in, out]`; BatchNorm `weight/bias/running_mean/running_var`
--> `scale/bias/mean/var`. `num_batches_tracked` is ignored on import and written
-as 0 on export (torch only uses it for momentum-free training).
+-> `scale/bias/mean/var` (`scale`/`bias` Params, `mean`/`var` BatchStats).
+`num_batches_tracked` is ignored on import and written as 0 on export (torch only
+uses it for momentum-free training; clipjax uses momentum 0.1).
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def _linear(tkey: str, path: tuple, d_out: int, d_in: int) -> Iterator[Entry]:
 
 
 def key_table(cfg: VisionConfig, embed_dim: int) -> list[Entry]:
-    """Every Param of the tower: `(torch key, clipjax path, torch shape, kind)`, torch keys without prefix."""
+    """Every state leaf of the tower (Params and BatchNorm statistics), torch keys without prefix.
+
+    Entries are `(torch key, clipjax path, torch shape, kind)`.
+    """
     if cfg.arch != "resnet":
         raise ConversionError(f"resnet key table needs VisionConfig(arch='resnet'), got arch={cfg.arch!r}")
     w = cfg.width
@@ -123,7 +128,7 @@ def resnet_from_torch(sd: dict[str, np.ndarray], cfg: VisionConfig, prefix: str 
       embed_dim: attention-pool output width; read from `attnpool.c_proj.weight` when None.
 
     Returns:
-      Nested dict matching `nnx.state(ModifiedResNet(cfg, embed_dim), nnx.Param).to_pure_dict()`
+      Nested dict matching `nnx.state(ModifiedResNet(cfg, embed_dim)).to_pure_dict()`
       (stage blocks keyed by int), arrays in the source dtype.
 
     Raises:
@@ -158,7 +163,7 @@ def resnet_to_torch(pure: dict, cfg: VisionConfig, prefix: str = "visual.", *,
     """Inverse of `resnet_from_torch`: clipjax pure params -> `{torch key: np.ndarray}` in torch layout.
 
     Args:
-      pure: nested pure dict as from `nnx.state(model, nnx.Param).to_pure_dict()` (jax or numpy
+      pure: nested pure dict as from `nnx.state(model).to_pure_dict()` (jax or numpy
         arrays); extra leaves raise.
       cfg: the tower's `VisionConfig`.
       prefix: prepended to every torch key.

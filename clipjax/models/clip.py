@@ -145,7 +145,8 @@ def forward(params: nnx.State, pixels: jax.Array, ids: jax.Array, *, config: CLI
       for ViTs).
     """
     _check_ids(ids, config)
-    model = _merge(params, config)
+    # a copy: train-mode BatchNorm writes its new statistics into the module, never into `params`
+    model = nnx.merge(graphdef(config), params, copy=True)
     img = _image_features(model, pixels, config, train=train, patch_dropout=patch_dropout, rng=rng)
     txt = model.text(ids, dtype=jnp.dtype(config.dtype), scan=config.scan_layers, remat=config.remat)
     bias = model.logit_bias[...].astype(jnp.float32) if model.logit_bias is not None else None

@@ -1,6 +1,7 @@
 """OpenAI's ModifiedResNet image tower (RN50, RN101, ...) with attention pooling.
 
-Matches `open_clip.modified_resnet.ModifiedResNet` in eval mode:
+Matches `open_clip.modified_resnet.ModifiedResNet` in eval mode (default) and train mode
+(`train=True`, see BatchNorm below):
 
 - a 3-conv stem (3x3 stride 2, 3x3, 3x3, each BN + ReLU) then a 2x2 average pool;
 - four stages of Bottleneck blocks (1x1, 3x3, 1x1 convs); a stride-2 block
@@ -12,16 +13,28 @@ Matches `open_clip.modified_resnet.ModifiedResNet` in eval mode:
 
 Pixels are NHWC `[B, H, W, 3]`, already normalised, with `H == W == cfg.image_size`
 for the pooled output (the trunk and the positional-embedding-free dense features
-take any multiple of 32). Conv kernels are HWIO `[kh, kw, in, out]`; BatchNorm is
-the inference form with its running statistics held as (frozen) Params.
+take any multiple of 32). Conv kernels are HWIO `[kh, kw, in, out]`.
 
-BatchNorm statistics (`mean`, `var`) are `FrozenStat` Params (a subclass of
-`nnx.Param`) and pass through `stop_gradient`, so their gradient is zero like
-torch buffers; exclude them from optimisers with
-`nnx.All(nnx.Param, nnx.Not(FrozenStat))`. Training from scratch therefore
-runs with frozen BN (open_clip's `lock(freeze_bn_stats=True)` behaviour) and
-relies on the zero-initialised last BN scale of each block for stability.
-Init otherwise follows open_clip: conv kernels U(+-1/sqrt(fan_in)) (torch default),
+BatchNorm: `scale`/`bias` are `nnx.Param`s; the running statistics `mean`/`var` are
+`nnx.BatchStat`s (torch buffers), so `nnx.state(model, nnx.Param)` is exactly what an
+optimiser (and weight decay) should see, and `nnx.state(model, nnx.BatchStat)` holds the
+statistics. Both carry `out_sharding` metadata (replicated) for `clipjax.sharding`. The
+pure-dict layout (`...bn1.mean`, `...bn1.var`) is the same as before the split, so
+existing checkpoints load unchanged.
+
+- `train=False` (default; inference, open_clip `.eval()`): normalise with the running
+  statistics, which get no gradient.
+- `train=True` (open_clip `.train()`, training from scratch): normalise with the batch
+  mean and biased batch variance over `(B, H, W)` in float32, with gradients through
+  them; the running statistics are updated in place with torch's momentum 0.1
+  (`mean <- 0.9 mean + 0.1 batch_mean`, `var <- 0.9 var + 0.1 batch_var * n / (n - 1)`,
+  n = B*H*W), so a train-mode call must run on a mutable module (e.g. `nnx.merge`
+  inside `jit`, then `nnx.state(model, nnx.BatchStat)`). The statistics are computed in
+  the global view (`jnp.mean` over the whole batch): under `jit` with the batch sharded
+  on a mesh, XLA reduces them across devices, i.e. synchronised BatchNorm over the batch
+  mesh axes (torch `SyncBatchNorm`), never per-device statistics.
+
+Init follows open_clip: conv kernels U(+-1/sqrt(fan_in)) (torch default),
 attention-pool kernels and positional embedding N(0, width*32 ** -0.5); the
 attention-pool biases start at zero (torch: uniform).
 """
@@ -31,18 +44,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.errors import TraceContextError
 
 from clipjax.config import VisionConfig
 from clipjax.layers import Dense, ones, param, zeros
 from clipjax.sharding import constrain
 
 BN_EPS = 1e-5
+BN_MOMENTUM = 0.1  # torch BatchNorm2d default: running = (1 - m) * running + m * batch
 EXPANSION = 4  # Bottleneck output channels = planes * EXPANSION
 _ACT = ("batch", None, None, "act_embed")  # logical names of an NHWC activation
-
-
-class FrozenStat(nnx.Param):
-    """A BatchNorm running statistic: a Param for loading/sharding, but never trained."""
 
 
 def _uniform(bound: float):
@@ -78,23 +89,61 @@ class Conv(nnx.Module):
 
 
 class BatchNorm(nnx.Module):
-    """Inference-form BatchNorm2d over the channel axis: `(x - mean) / sqrt(var + eps) * scale + bias`.
+    """BatchNorm2d over the channel axis of `[B, H, W, C]`: `(x - mean) / sqrt(var + eps) * scale + bias`.
 
-    Computed in float32 and cast back to `x.dtype`. `mean`/`var` are frozen (no gradient).
+    Computed in float32 and cast back to `x.dtype`. `mean`/`var` are `nnx.BatchStat`s: the
+    running statistics in eval mode (no gradient), updated with momentum 0.1 in train mode,
+    where the batch statistics normalise (torch `BatchNorm2d.train()`).
     """
 
     def __init__(self, dim: int, *, scale_init=ones, param_dtype, rngs: nnx.Rngs):
         self.scale = param(rngs, scale_init, (dim,), (None,), param_dtype)
         self.bias = param(rngs, zeros, (dim,), (None,), param_dtype)
-        self.mean = FrozenStat(jnp.zeros((dim,), param_dtype), out_sharding=(None,), eager_sharding=False)
-        self.var = FrozenStat(jnp.ones((dim,), param_dtype), out_sharding=(None,), eager_sharding=False)
+        self.mean = nnx.BatchStat(jnp.zeros((dim,), param_dtype), out_sharding=(None,), eager_sharding=False)
+        self.var = nnx.BatchStat(jnp.ones((dim,), param_dtype), out_sharding=(None,), eager_sharding=False)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        mean = jax.lax.stop_gradient(self.mean[...]).astype(jnp.float32)
-        var = jax.lax.stop_gradient(self.var[...]).astype(jnp.float32)
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + BN_EPS)
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """`[B, H, W, C]` -> same shape and dtype; `train=True` also updates `mean`/`var` in place."""
+        if not train:
+            mean = jax.lax.stop_gradient(self.mean[...]).astype(jnp.float32)
+            var = jax.lax.stop_gradient(self.var[...]).astype(jnp.float32)
+            y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + BN_EPS)
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            return y.astype(x.dtype)
+        axes = tuple(range(x.ndim - 1))
+        n = 1
+        for a in axes:
+            n *= x.shape[a]
+        if n < 2:
+            raise ValueError(f"train-mode BatchNorm needs more than 1 value per channel, got input shape {x.shape}")
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=axes)  # global view: a cross-device reduction when the batch is sharded
+        var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # biased (two-pass), used to normalise
+        m = BN_MOMENTUM
+        unbiased = jax.lax.stop_gradient(var) * (n / (n - 1))
+        old_mean, old_var = self.mean[...], self.var[...]
+        batch_mean = jax.lax.stop_gradient(mean)
+        self._update("mean", ((1 - m) * old_mean.astype(jnp.float32) + m * batch_mean).astype(old_mean.dtype))
+        self._update("var", ((1 - m) * old_var.astype(jnp.float32) + m * unbiased).astype(old_var.dtype))
+        y = (x32 - mean) * jax.lax.rsqrt(var + BN_EPS)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
+
+    def _update(self, name: str, value: jax.Array) -> None:
+        """Write a running statistic in place.
+
+        A statistic whose Variable belongs to an outer JAX trace cannot be mutated (flax raises
+        `TraceContextError`), e.g. when the statistics are a non-differentiated argument of
+        `jax.grad(loss)(params, batch_stats)` that `loss` merges into the module: then a fresh
+        BatchStat with the same metadata replaces it on this (inner-trace) module, so
+        `nnx.state(module, nnx.BatchStat)` still returns the updated values and the caller's
+        Variable is left as it was.
+        """
+        var = getattr(self, name)
+        try:
+            var[...] = value
+        except TraceContextError:
+            setattr(self, name, type(var)(value, **var.get_metadata()))
 
 
 class Downsample(nnx.Module):
@@ -105,8 +154,8 @@ class Downsample(nnx.Module):
         self.conv = Conv(d_in, d_out, 1, param_dtype=param_dtype, rngs=rngs)
         self.bn = BatchNorm(d_out, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.bn(self.conv(_avg_pool(x, self.stride)))
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        return self.bn(self.conv(_avg_pool(x, self.stride)), train=train)
 
 
 class Bottleneck(nnx.Module):
@@ -129,12 +178,12 @@ class Bottleneck(nnx.Module):
         self.downsample = (Downsample(d_in, d_out, stride, param_dtype=param_dtype, rngs=rngs)
                            if needs_shortcut else None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """`[B, H, W, in]` -> `[B, H / stride, W / stride, planes * 4]`."""
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = jax.nn.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(_avg_pool(out, self.stride)))
-        identity = x if self.downsample is None else self.downsample(x)
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """`[B, H, W, in]` -> `[B, H / stride, W / stride, planes * 4]`; `train`: batch-statistics BN."""
+        out = jax.nn.relu(self.bn1(self.conv1(x), train=train))
+        out = jax.nn.relu(self.bn2(self.conv2(out), train=train))
+        out = self.bn3(self.conv3(_avg_pool(out, self.stride)), train=train)
+        identity = x if self.downsample is None else self.downsample(x, train=train)
         return jax.nn.relu(out + identity)
 
 
@@ -244,34 +293,37 @@ class ModifiedResNet(nnx.Module):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"pixels must be a float array (normalised), got dtype {x.dtype}")
 
-    def stem(self, x: jax.Array) -> jax.Array:
+    def stem(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Three conv-BN-ReLU then AvgPool(2): `[B, S, S, 3]` -> `[B, S/4, S/4, width]`."""
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = jax.nn.relu(self.bn2(self.conv2(x)))
-        x = jax.nn.relu(self.bn3(self.conv3(x)))
+        x = jax.nn.relu(self.bn1(self.conv1(x), train=train))
+        x = jax.nn.relu(self.bn2(self.conv2(x), train=train))
+        x = jax.nn.relu(self.bn3(self.conv3(x), train=train))
         return _avg_pool(x, 2)
 
-    def features(self, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
+    def features(self, x: jax.Array, *, dtype=jnp.float32, train: bool = False) -> jax.Array:
         """Trunk output (open_clip's layer4): `[B, H, W, 3]` -> `[B, H/32, W/32, width * 32]` in `dtype`.
 
         Any H, W that are multiples of 32 work here (the trunk is fully convolutional).
+        `train=True`: BatchNorm normalises with (global) batch statistics and updates its running
+        statistics in place (see the module docstring).
         """
         self._check(x, exact=False)
         x = constrain(x.astype(dtype), _ACT)
-        x = self.stem(x)
+        x = self.stem(x, train=train)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
-                x = block(x)
+                x = block(x, train=train)
             x = constrain(x, _ACT)
         return x
 
-    def __call__(self, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
+    def __call__(self, x: jax.Array, *, dtype=jnp.float32, train: bool = False) -> jax.Array:
         """Pixels `[B, S, S, 3]` (S = cfg.image_size) -> attention-pooled `[B, embed_dim]` in `dtype`.
 
-        Same as open_clip's `visual(x)`; not L2-normalised.
+        Same as open_clip's `visual(x)` in `.eval()` mode, or in `.train()` mode with `train=True`
+        (batch-statistics BatchNorm; the running statistics are updated in place). Not L2-normalised.
         """
         self._check(x, exact=True)
-        return self.attnpool(self.features(x, dtype=dtype))
+        return self.attnpool(self.features(x, dtype=dtype, train=train))
 
     def dense(self, x: jax.Array, *, dtype=jnp.float32, add_pos_embed: bool = False) -> jax.Array:
         """MaskCLIP dense features `[B, h*w, embed_dim]` (row-major positions, h = H/32); see `AttentionPool2d.dense`.

@@ -9,8 +9,7 @@ too and are replaced directly.
 
 Stacked layers: every param under `...transformer.blocks.` has a leading `[layers, ...]` axis.
 Per-layer values for such a leaf are an array `[layers, 1, ..., 1]` (broadcastable to the leaf);
-all other leaves get a scalar array. BatchNorm statistics (`nnx.BatchStat`, the older
-`FrozenStat` Params, or any `bn*.mean` / `bn*.var` leaf) and every non-`Param` Variable are never
+all other leaves get a scalar array. BatchNorm statistics (`nnx.BatchStat`, or any `bn*.mean` / `bn*.var` leaf) and every non-`Param` Variable are never
 decayed and never trained; the functions work with or without them in the tree.
 """
 
@@ -57,7 +56,7 @@ def _map(fn, params):
 
 def _is_stat(name: str, leaf) -> bool:
     """BatchNorm running statistics (or any non-Param state): never decayed or trained."""
-    if _is_var(leaf) and (not isinstance(leaf, nnx.Param) or type(leaf).__name__ == "FrozenStat"):
+    if _is_var(leaf) and not isinstance(leaf, nnx.Param):
         return True
     parts = name.split(".")
     return len(parts) >= 2 and parts[-1] in ("mean", "var") and parts[-2].startswith("bn")
