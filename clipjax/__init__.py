@@ -7,10 +7,13 @@ __version__ = "0.1.0"
 __all__ = ["CLIPConfig", "PRESETS", "TextConfig", "VisionConfig", "get_config", "load"]
 
 
-def load(path, mesh=None, **convert_kw):
-    """Load a model: a clipjax checkpoint folder (`clipjax convert` output), or any source that
-    `clipjax convert` reads (TorchScript / open_clip file, HF folder), converted in memory.
+def load(path, mesh=None, *, options: dict | None = None, **convert_kw):
+    """Load a model: a clipjax checkpoint folder (`clipjax convert` output), a training workdir
+    (its newest checkpoint), or any source that `clipjax convert` reads (TorchScript / open_clip
+    file, HF folder), converted in memory.
 
+    `options` sets run-time options (`clipjax.config.RUNTIME_OPTIONS`), e.g.
+    `{"dtype": "bfloat16", "remat": "dots"}`; checkpoints store the architecture only.
     `convert_kw` (`arch=`, `config=`) apply to in-memory conversion only.
     """
     import os
@@ -18,7 +21,10 @@ def load(path, mesh=None, **convert_kw):
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "clipjax.json")):
         from clipjax.checkpoint import load as _load
 
-        return _load(path, mesh=mesh)
+        return _load(path, mesh=mesh, config_overrides=options)
     from clipjax.convert.api import load_pytorch
 
-    return load_pytorch(path, mesh=mesh, **convert_kw)
+    model = load_pytorch(path, mesh=mesh, **convert_kw)
+    if options:
+        model.config = model.config.replace(**options)
+    return model

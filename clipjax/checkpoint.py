@@ -170,7 +170,8 @@ def save(folder: str, config: CLIPConfig, params: nnx.State | dict, *, tokenizer
     state = params if isinstance(params, nnx.State) else pure_to_params(params, config)
     with atomic_folder(folder, overwrite) as tmp:
         with open(os.path.join(tmp, "clipjax.json"), "w") as f:
-            json.dump({"format": FORMAT, "version": VERSION, "config": config.to_dict(), "source": source or {}},
+            json.dump({"format": FORMAT, "version": VERSION, "config": config.architecture_dict(),
+                       "source": source or {}},
                       f, indent=2)
         pure = _strkeys(jax.tree.map(np.asarray, state.to_pure_dict()))
         with ocp.StandardCheckpointer() as ckptr:
@@ -213,13 +214,18 @@ def params_dir(folder: str) -> str:
 
 def load(folder: str, mesh=None, config_overrides: dict | None = None) -> Model:
     """Load a checkpoint folder or a training workdir (its newest checkpoint); with `mesh`, params are
-    restored directly sharded by the logical rules."""
+    restored directly sharded by the logical rules.
+
+    The folder stores the architecture only; run-time options (`clipjax.config.RUNTIME_OPTIONS`:
+    compute dtype, param dtype, scan, remat, attention backend) come from `config_overrides`
+    (defaults otherwise). Folders written before this rule kept those options; they are ignored.
+    """
     import orbax.checkpoint as ocp
 
     from clipjax.sharding import param_shardings
 
     folder = os.path.abspath(folder)
-    config = read_config(folder)
+    config = read_config(folder).architecture()
     if config_overrides:
         config = config.replace(**config_overrides)
     abstract = F.abstract_params(config)

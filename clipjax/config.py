@@ -125,6 +125,10 @@ class PreprocessConfig:
         _check_choice("preprocess.interpolation", self.interpolation, ("bicubic", "bilinear"))
 
 
+# chosen at load / train time, never part of a checkpoint's architecture
+RUNTIME_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
+
+
 @dataclass(frozen=True)
 class CLIPConfig:
     """Both towers, the shared embedding size and run-time options.
@@ -168,6 +172,16 @@ class CLIPConfig:
 
     def replace(self, **kw) -> "CLIPConfig":
         return dataclasses.replace(self, **kw)
+
+    def architecture(self) -> "CLIPConfig":
+        """This config with its run-time options (`RUNTIME_OPTIONS`) at their defaults: what a
+        checkpoint stores, and what two configs must share to load each other's params."""
+        return dataclasses.replace(self, **{k: f.default for k, f in self.__dataclass_fields__.items()
+                                            if k in RUNTIME_OPTIONS})
+
+    def architecture_dict(self) -> dict:
+        """`to_dict()` without the run-time options (the saved form)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_OPTIONS}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
