@@ -46,11 +46,17 @@ class CLIP(nnx.Module):
                            if config.init_logit_bias is not None else None)
 
 
+def _abstract_model(config: CLIPConfig) -> CLIP:
+    """`CLIP(config)` with shape-only leaves, built outside any mesh context: under `jax.set_mesh`,
+    NNX would read the logical axis names (`embed`, ...) as mesh axes and fail."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
+
+
 @functools.lru_cache(maxsize=64)
 def graphdef(config: CLIPConfig) -> nnx.GraphDef:
     """The static structure of `CLIP(config)` (computed abstractly, no params allocated)."""
-    abstract = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract)[0]
+    return nnx.split(_abstract_model(config))[0]
 
 
 def abstract_params(config: CLIPConfig) -> nnx.State:
@@ -59,8 +65,7 @@ def abstract_params(config: CLIPConfig) -> nnx.State:
     The state holds every `nnx.Param` and, for ResNet towers, the BatchNorm running statistics
     (`nnx.BatchStat`); `split_trainable` separates the two for training.
     """
-    abstract = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract)[1]
+    return nnx.split(_abstract_model(config))[1]
 
 
 def init_params(config: CLIPConfig, seed: int = 0, mesh=None) -> nnx.State:

@@ -35,16 +35,13 @@ class WorkdirError(ValueError):
     """The workdir holds something this run cannot continue from."""
 
 
-def architecture(config: CLIPConfig) -> CLIPConfig:
-    """`config` with its run-time options (dtypes, scan, remat, attention backend) at their defaults."""
-    return config.replace(dtype="float32", param_dtype="float32", scan_layers=True, remat="none", attention="xla")
-
-
 def check_workdir(workdir: str, model_config: CLIPConfig) -> None:
     """Refuse a workdir that holds another model: compares architectures, before anything is written."""
     meta = os.path.join(workdir, "clipjax.json")
     if not os.path.exists(meta):
-        ours = [n for n in ("checkpoints", "params", "metrics.jsonl") if os.path.exists(os.path.join(workdir, n))]
+        # an empty checkpoints/ is what a run refused or killed before its first save leaves behind
+        ours = [n for n in ("checkpoints", "params", "metrics.jsonl") if os.path.exists(os.path.join(workdir, n))
+                and not (os.path.isdir(os.path.join(workdir, n)) and not os.listdir(os.path.join(workdir, n)))]
         if ours:
             raise WorkdirError(f"{workdir} holds {ours} but no clipjax.json: not a clipjax training workdir; "
                                "use a new --workdir")
@@ -53,8 +50,8 @@ def check_workdir(workdir: str, model_config: CLIPConfig) -> None:
         d = json.load(f)
     if d.get("format") != FORMAT:
         raise WorkdirError(f"{meta}: format {d.get('format')!r} is not {FORMAT!r}")
-    stored = architecture(CLIPConfig.from_dict(d["config"]))
-    want = architecture(model_config)
+    stored = CLIPConfig.from_dict(d["config"]).architecture()
+    want = model_config.architecture()
     if stored != want:
         diff = {k: (v, want.to_dict()[k]) for k, v in stored.to_dict().items() if want.to_dict()[k] != v}
         raise WorkdirError(f"{workdir} holds a checkpoint of another architecture; differing fields "
@@ -69,7 +66,7 @@ def write_model_meta(workdir: str, model_config: CLIPConfig, train_config: dict)
     path = os.path.join(workdir, "clipjax.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, "config": architecture(model_config).to_dict(),
+        json.dump({"format": FORMAT, "version": VERSION, "config": model_config.architecture_dict(),
                    "source": {"kind": "train", "train_config": train_config}}, f, indent=2)
     os.replace(tmp, path)
 
@@ -114,17 +111,42 @@ class Checkpointer:
 
         `abstract` is the `jax.eval_shape` of the state (and `shardings` its placement on a mesh).
         A checkpoint that cannot be read is reported through `log` and the previous one is tried.
+        Once one is restored, the unreadable newer ones are moved aside to `STEP.unreadable` (kept
+        for inspection, never deleted): the resumed run saves those steps again, and
+        `clipjax.load(WORKDIR)` reads the newest step folder.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
+        bad = []
         for step in steps:
             try:
-                return self._restore_step(step, abstract, shardings)
+                got = self._restore_step(step, abstract, shardings)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
+                bad.append(step)
                 log(f"checkpoint at step {step} in {self.directory} cannot be restored "
-                    f"({type(e).__name__}: {str(e)[:300]}); trying the previous one")
+                    f"({_root_cause(e)}); trying the previous one")
+                continue
+            if bad:
+                self._move_aside(bad, log)
+            return got
         if steps:
             raise WorkdirError(f"no checkpoint in {self.directory} could be restored (steps {steps})")
         return None
+
+    def _move_aside(self, steps: list[int], log) -> None:
+        """Rename unreadable step folders to `STEP.unreadable[-N]` (process 0), then re-list the steps."""
+        if jax.process_index() == 0:
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                dst, n = f"{src}.unreadable", 1
+                while os.path.exists(dst):
+                    dst, n = f"{src}.unreadable-{n}", n + 1
+                os.replace(src, dst)
+                log(f"moved the unreadable checkpoint {src} to {dst}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("clipjax.train.checkpoints.move_aside")
+        self.manager.reload()
 
     def _restore_step(self, step: int, abstract: TrainState, shardings: Any) -> tuple[TrainState, dict]:
         def target(tree, sh):
@@ -169,6 +191,16 @@ class Checkpointer:
         state = TrainState(step=tr["step"], params=params, batch_stats=stats, opt_state=opt_state, ema=ema,
                            rng=tr["rng"])
         return state, got["data"]
+
+
+def _root_cause(e: BaseException, limit: int = 400) -> str:
+    """`Type: message` of the innermost cause (Orbax wraps TensorStore's precise error in a long one)."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
 
 
 def log_stderr(msg: str) -> None:

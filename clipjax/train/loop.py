@@ -9,17 +9,29 @@ the jitted step (`clipjax.train.step`) on batches from `data` (an iterator with 
   uninterrupted run would have had;
 * writes `WORKDIR/metrics.jsonl` and TensorBoard events every `log_every` steps: loss, lr, logit
   scale, samples/s, MFU, data-wait fraction, gradient norm, and eval metrics when they run;
-* saves every `checkpoint_every` steps and at the end, and on SIGTERM saves and returns;
+* saves every `checkpoint_every` steps and at the end, and on SIGTERM saves the step it is at and
+  returns `stopped="preempted"` (the signal is noted by a handler installed for the run; the loop
+  checks it before each step);
 * stops on a non-finite loss or gradient with `NonFiniteError` naming the step and the first
   non-finite tensors; the step that produced them changed nothing, so no NaN is ever saved.
 
+The first batch is checked against the model (keys, shapes, dtypes) before the state is created
+or anything is written, and a workdir holding another architecture is refused before that.
+
 Multi-host: every process runs this with its own data slice; global batches are assembled with
 `jax.make_array_from_process_local_data`, nothing sharded is gathered to a host, and only
-process 0 writes logs and metadata (Orbax coordinates the checkpoint writes).
+process 0 writes logs and metadata (Orbax coordinates the checkpoint writes; every process calls
+save). SIGTERM may reach one process only or all at different times: before each step the
+processes OR their flags with a one-scalar all-gather, so all of them stop at the same step and
+save it together instead of leaving the others blocked in the next step's collectives. Only the
+data-iterator state of process 0 is saved (Orbax writes JSON items from the primary host):
+iterators whose state is the global batch position, like `clipjax.data.ArrayBatches`, are the
+same on every process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from dataclasses import dataclass
@@ -104,7 +116,8 @@ def nonfinite_report(state: TrainState, batch: dict, model_config: CLIPConfig, c
 
     with mesh_context(mesh):
         acts, grads = jax.jit(probe)(state.params, state.batch_stats, batch)
-    bad = [k for k, v in acts.items() if not bool(v)]
+    order = ("pixels", "image_embeddings", "text_embeddings", "logit_scale", "loss")  # data-flow order
+    bad = [k for k in order if not bool(acts[k])]
     names = [".".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path if not hasattr(p, "name"))
              for path, v in jax.tree_util.tree_flatten_with_path(grads)[0] if not bool(v)]
     return (f"non-finite values: {bad or 'none in the forward pass'}; non-finite gradients "
@@ -136,6 +149,18 @@ def train(model_config: CLIPConfig, cfg: TrainConfig, workdir: str, data: Iterat
       eval_fn: `eval_fn(model_state) -> {name: float}`, run every `cfg.eval_every` steps and at the end.
       teacher: a loaded `clipjax` model (`Model`) for `loss="distill"`.
     """
+    preempted: list[bool] = []  # SIGTERM noted from the start: a signal during restore or compile stops too
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) if _main_thread() else None
+    try:
+        return _train(model_config, cfg, workdir, data, mesh=mesh, model_state=model_state, eval_fn=eval_fn,
+                      teacher=teacher, progress=progress, log=log, preempted=preempted)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, teacher, progress, log,
+           preempted: list) -> TrainResult:
     model_config = model_config.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
     if jax.process_count() > 1 and mesh is None:
         mesh = make_mesh(data=-1)
@@ -149,53 +174,55 @@ def train(model_config: CLIPConfig, cfg: TrainConfig, workdir: str, data: Iterat
     optimizer = make_optimizer(cfg, abstract_params, model_config)
     make, abstract = _abstract_state(model_config, optimizer, cfg, model_state)
     shardings = state_shardings(abstract, mesh) if mesh is not None else None
-    ckpt = C.Checkpointer(workdir, keep=cfg.keep_checkpoints, keep_every=cfg.keep_every)
-    restored = ckpt.restore(abstract, shardings, log=log)
-    if restored is not None:
-        state, data_state = restored
-        data.set_state(data_state)
-        log(f"resumed from {ckpt.directory} at step {int(state.step)}")
-    else:
-        with mesh_context(mesh):
-            state = jax.jit(make, out_shardings=shardings)(model_state)
-    C.write_model_meta(workdir, model_config, cfg.to_dict())
-    start = int(jax.device_get(state.step))
-    writer = MetricsWriter(workdir, resume_step=start)
+    with contextlib.ExitStack() as cleanup:  # closed in reverse order, on success and on any error
+        ckpt = C.Checkpointer(workdir, keep=cfg.keep_checkpoints, keep_every=cfg.keep_every)
+        cleanup.callback(ckpt.close)  # waits for the last asynchronous save
+        restored = ckpt.restore(abstract, shardings, log=log)
+        if restored is not None:
+            state, data_state = restored
+            data.set_state(data_state)
+            log(f"resumed from {ckpt.directory} at step {int(state.step)}")
+        start = int(jax.device_get(state.step)) if restored is not None else 0
+        # the first batch is checked before the state is created or anything is written
+        first = next(data) if start < cfg.total_steps else None
+        if first is not None:
+            check_batch(first, model_config, local_batch)
+        if restored is None:
+            with mesh_context(mesh):
+                state = jax.jit(make, out_shardings=shardings)(model_state)
+        C.write_model_meta(workdir, model_config, cfg.to_dict())
+        writer = MetricsWriter(workdir, resume_step=start)
+        cleanup.callback(writer.close)
 
-    teacher_params, teacher_config = (None, None)
-    if teacher is not None:
-        teacher_params, teacher_config = teacher.params, teacher.config
-    step_fn = make_train_step(model_config, cfg, optimizer, mesh=mesh, state_shardings=shardings,
-                              teacher_config=teacher_config,
-                              teacher_shardings=None if mesh is None or teacher is None else
-                              jax.tree.map(lambda a: a.sharding, teacher_params))
-    meta = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
+        teacher_params, teacher_config = (None, None)
+        if teacher is not None:
+            teacher_params, teacher_config = teacher.params, teacher.config
+        step_fn = make_train_step(model_config, cfg, optimizer, mesh=mesh, state_shardings=shardings,
+                                  teacher_config=teacher_config,
+                                  teacher_shardings=None if mesh is None or teacher is None else
+                                  jax.tree.map(lambda a: a.sharding, teacher_params))
+        meta = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
 
-    preempted = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) if _main_thread() else None
-    bar = None
-    if progress and jax.process_index() == 0 and start < cfg.total_steps:
-        from tqdm.auto import tqdm
+        bar = None
+        if progress and jax.process_index() == 0 and start < cfg.total_steps:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True)
+            bar = cleanup.enter_context(tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True))
 
-    compiled = flops = None
-    peak, _ = peak_flops(mesh.devices.flat if mesh is not None else None)
-    metrics: dict = {}
-    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    run_start, run_steps = time.perf_counter(), 0
-    step = last_saved = start
-    stopped = "done"
-    try:
+        compiled = flops = None
+        peak, _ = peak_flops(mesh.devices.flat if mesh is not None else None)
+        metrics: dict = {}
+        window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+        run_start, run_steps = time.perf_counter(), 0
+        step = last_saved = start
+        stopped = "done"
         while step < cfg.total_steps:
-            if preempted:
+            if _stop_requested(bool(preempted)):
                 stopped = "preempted"
                 log(f"SIGTERM: saving step {step} and stopping")
                 break
             t0 = time.perf_counter()
-            local = next(data)
-            if compiled is None:
-                check_batch(local, model_config, local_batch)
+            local, first = (first, None) if first is not None else (next(data), None)
             batch = global_batch(local, mesh)
             window_wait += time.perf_counter() - t0
             if compiled is None:
@@ -207,9 +234,10 @@ def train(model_config: CLIPConfig, cfg: TrainConfig, workdir: str, data: Iterat
                 new_state, metrics = compiled(state, batch, teacher_params)
             if not bool(metrics["finite"]):
                 report = nonfinite_report(new_state, batch, model_config, cfg, mesh)
-                raise NonFiniteError(f"step {step}: loss {float(metrics['loss'])}, gradient norm "
-                                     f"{float(metrics['grad_norm'])}; {report}. The step was not applied; "
-                                     "nothing was saved from it.")
+                raise NonFiniteError(f"step {step + 1}: loss {float(metrics['loss'])}, gradient norm "
+                                     f"{float(metrics['grad_norm'])}; {report}. The update from step {step} "
+                                     f"was not applied and nothing was saved from it (newest save: step "
+                                     f"{last_saved or 'none'}).")
             state = new_state
             step += 1
             window_steps += 1
@@ -238,16 +266,25 @@ def train(model_config: CLIPConfig, cfg: TrainConfig, workdir: str, data: Iterat
         train_seconds = time.perf_counter() - run_start
         if stopped == "preempted" and cfg.checkpoint_every and step != last_saved:
             ckpt.save(state, data.get_state(), meta)
-    finally:
-        ckpt.close()
-        writer.close()
-        if bar is not None:
-            bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return TrainResult(state=state, step=step, stopped=stopped, train_seconds=train_seconds,
                        samples_per_sec=run_steps * cfg.batch_size / max(train_seconds, 1e-9),
                        metrics={k: float(v) for k, v in jax.device_get(metrics).items()} if metrics else {})
+
+
+def _stop_requested(local: bool) -> bool:
+    """Whether any process got SIGTERM: every process stops at the same step.
+
+    Preemption may signal one host, or all hosts at different moments. A process that stopped
+    alone would leave the others blocked in the next step's collectives (and in Orbax's save
+    barriers), so with several processes the local flags are OR-ed over all processes once per
+    step (one tiny all-gather; the loop already waits for every step's `finite` flag). All
+    processes then leave the loop at the same step and save that step together.
+    """
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(local, np.int32))))
 
 
 def _main_thread() -> bool:

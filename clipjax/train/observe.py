@@ -70,7 +70,8 @@ class MetricsWriter:
     """`WORKDIR/metrics.jsonl` (one object per logged step) and TensorBoard events under `WORKDIR/tb`.
 
     Only process 0 writes. On resume, lines for steps after the restored step are dropped first,
-    so the file holds one line per step as an uninterrupted run would.
+    so the file holds one line per step as an uninterrupted run would; so is a line cut short by a
+    kill in the middle of a write.
     """
 
     def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
@@ -82,7 +83,8 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         if os.path.exists(self.path):
             with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                keep = [line if line.endswith("\n") else line + "\n" for line in f
+                        if (row := _parse(line)) is not None and row.get("step", 0) <= resume_step]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(keep)
             os.replace(self.path + ".tmp", self.path)
@@ -105,6 +107,17 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _parse(line: str) -> dict | None:
+    """A metrics line as a dict; None for a blank or truncated (unparseable) line."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _plain(v):

@@ -1,0 +1,94 @@
+"""Multi-host training on one machine: 2 processes (`jax.distributed` on localhost, gloo CPU
+collectives, one CPU device each) against 1 process with 2 fake CPU devices (mesh data=2).
+
+Both read the same global batches (`ArrayBatches`: each process its own half of every global batch)
+and run the same SPMD step, so the per-step losses agree to LOSS_RTOL = 1e-6 relative and the
+params to PARAM_ATOL = 1% of the learning rate absolute (Adam's normalisation can amplify a
+last-bit difference of a tiny gradient up to ~lr; see test_train_sharding.py). On this CPU they
+come out bitwise equal; the tolerances only allow for a different collective reduction order.
+
+The 2-process run is stopped by a SIGTERM to process 0 alone: both processes must agree on the
+step, save it together and exit 0 (no deadlock in the next step's collectives or in Orbax's save
+barriers). Its checkpoint must then load with `clipjax.load` in this (single) process and resume
+training in 1 process (2 devices), continuing the reference's loss curve.
+"""
+
+import os
+import re
+import signal
+
+import numpy as np
+import pytest
+
+import train_worker as W
+
+STEPS = 8
+LOSS_RTOL = 1e-6
+PARAM_ATOL = 1e-2 * W.LR
+
+
+def assert_params_close(got: dict, want: dict, what: str):
+    assert got.keys() == want.keys()
+    worst = max(float(np.abs(got[k].astype(np.float64) - want[k]).max()) for k in got)
+    assert worst <= PARAM_ATOL, f"{what}: max abs param difference {worst:.3g} > {PARAM_ATOL:g}"
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_their_checkpoint_resumes_in_one(tmp_path, tmp_path_factory):
+    import portpicker
+
+    cache = W.cache_dir(tmp_path_factory)
+    ref, mp = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
+
+    # the reference: 1 process, 2 devices (every step saved so any stop step can be compared),
+    # run alongside the 2 processes (its compile overlaps their single-threaded phases)
+    reference = W.start(W.command(ref, STEPS, "--mesh-data", 2, "--checkpoint-every", 1, "--keep-checkpoints", 100,
+                                  "--cache-dir", cache), str(tmp_path / "reference"))
+    # 2 processes, 1 device each; SIGTERM to process 0 only, mid-run
+    port = portpicker.pick_unused_port()
+    procs = [W.start(W.command(mp, STEPS, "--mesh-data", 2, "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", 2, "--process-id", i, "--sleep-per-step", 0.3,
+                               "--cache-dir", cache), str(tmp_path / f"process{i}"))
+             for i in (0, 1)]
+    try:
+        W.wait_for_step(mp, 3, procs, timeout=450)
+        procs[0].send_signal(signal.SIGTERM)
+        rcs = [p.wait(timeout=180) for p in procs]
+        ref_rc = reference.wait(timeout=450)
+    finally:
+        W.stop(reference, *procs)
+    assert ref_rc == 0, W.logs(reference)[1][-3000:]
+    want = W.losses(ref)
+    assert sorted(want) == list(range(1, STEPS + 1))
+    logs = [W.logs(p) for p in procs]
+    assert rcs == [0, 0], [err[-3000:] for _, err in logs]
+    results = [W.result(out) for out, _ in logs]
+    stopped = results[0]["step"]
+    assert results == [{"step": stopped, "stopped": "preempted", "process": i} for i in (0, 1)], results
+    assert 3 <= stopped < STEPS
+    assert W.step_folders(mp)[-1] == stopped
+
+    # only process 0 logs and writes metrics (one row per step) and TensorBoard events (one file)
+    assert f"SIGTERM: saving step {stopped} and stopping" in logs[0][1]
+    assert "SIGTERM" not in logs[1][1]
+    assert len(os.listdir(os.path.join(mp, "tb"))) == 1
+    assert os.path.exists(os.path.join(mp, "clipjax.json"))
+
+    got = W.losses(mp)
+    assert sorted(got) == list(range(1, stopped + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=LOSS_RTOL,
+                               atol=0, err_msg="2 processes vs 1 process with 2 devices")
+
+    # the 2-process checkpoint loads in this process (one device) and equals the reference's at that step
+    params = W.flat_params(mp)
+    assert_params_close(params, W.flat_params(ref, step=stopped), f"clipjax.load at step {stopped}")
+
+    # and training resumes from it in 1 process (2 devices), continuing the reference's curve
+    r = W.run(W.command(mp, STEPS, "--mesh-data", 2, "--cache-dir", cache), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.findall(r"resumed from \S+ at step (\d+)", r.stderr) == [str(stopped)], r.stderr[-3000:]
+    got = W.losses(mp)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [want[s] for s in range(1, STEPS + 1)],
+                               rtol=LOSS_RTOL, atol=0, err_msg="resumed in 1 process vs the reference")
+    assert_params_close(W.flat_params(mp), W.flat_params(ref), "final params")

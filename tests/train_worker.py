@@ -1,0 +1,285 @@
+"""Train a tiny CLIP on fixed synthetic arrays with `clipjax.train.loop.train` (a subprocess for the
+fault-tolerance and multi-host tests; not a test module itself).
+
+    python tests/train_worker.py --workdir W --steps N [--checkpoint-every C] [--keep-checkpoints K] [--nan-at K]
+        [--sleep-per-step S] [--mesh-data D] [--cache-dir DIR]
+        [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
+
+* Data: 32 examples of float32 (already preprocessed) 32x32 images and int32 token ids from a fixed
+  seed, read by `clipjax.data.ArrayBatches` (global batch 8; each process reads its own slice).
+* `--nan-at K`: global batch K (the one step K reads, 0-based) gets one NaN pixel, so step K's loss
+  is not finite; every other batch is unchanged, so the losses before K are the reference's.
+* `--sleep-per-step S`: sleep S seconds per batch read (gives a test time to signal mid-run).
+* `--mesh-data D` without a coordinator: D fake CPU devices in this process, mesh data=D; with a
+  coordinator: one CPU device per process, gloo collectives, mesh data over all processes.
+* `--cache-dir`: JAX's persistent compilation cache (runs of the same program load the compiled
+  step instead of compiling it again; the executable is the same, so are the numbers).
+
+Prints one JSON line `{"step", "stopped", "process"}` on stdout when `train` returns; exceptions
+(e.g. `NonFiniteError`) propagate, so the exit status is non-zero.
+
+CPU-only and compiled with LLVM's cheap optimisation level (`FAST_XLA_FLAGS`): that halves the
+compile time of the tiny model; every run of these tests uses the same flags, so comparisons
+hold. `torch` is blocked from import: tensorboardX imports it only to recognise torch tensors, and
+that import costs seconds per process.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+FAST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+NUM_EXAMPLES, BATCH, IMAGE, CONTEXT, VOCAB = 32, 8, 32, 8, 100
+
+
+def tiny_config():
+    """ViT-B-32 shrunk: embed 16, image 32 / patch 16, width 32, 2 layers, 2 heads, mlp 64; text the same."""
+    import dataclasses
+
+    import clipjax
+
+    cfg = clipjax.get_config("ViT-B-32")
+    return cfg.replace(embed_dim=16,
+                       vision=dataclasses.replace(cfg.vision, image_size=IMAGE, patch_size=16, width=32, layers=2,
+                                                  heads=2, mlp_dim=64),
+                       text=dataclasses.replace(cfg.text, width=32, heads=2, layers=2, mlp_dim=64,
+                                                context_length=CONTEXT, vocab_size=VOCAB))
+
+
+LR = 1e-3
+
+
+def train_config(steps: int, checkpoint_every: int = 2, keep: int = 3):
+    from clipjax.train.config import TrainConfig
+
+    return TrainConfig(batch_size=BATCH, total_steps=steps, warmup_steps=2, lr=LR, log_every=1,
+                       checkpoint_every=checkpoint_every, ema_decay=0.9, grad_clip_norm=1.0, keep_checkpoints=keep)
+
+
+def arrays():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return {"image": rng.standard_normal((NUM_EXAMPLES, IMAGE, IMAGE, 3)).astype(np.float32),
+            "text": rng.integers(1, VOCAB - 1, (NUM_EXAMPLES, CONTEXT)).astype(np.int32)}
+
+
+class Hooked:
+    """`ArrayBatches` plus the test hooks: a NaN pixel in global batch `nan_at`, a sleep per batch."""
+
+    def __init__(self, inner, nan_at=None, sleep=0.0):
+        self.inner, self.nan_at, self.sleep = inner, nan_at, sleep
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        k = self.inner.get_state()["next_batch"]
+        batch = next(self.inner)
+        if self.sleep:
+            time.sleep(self.sleep)
+        if k == self.nan_at:
+            batch = dict(batch, image=batch["image"].copy())
+            batch["image"][0, 0, 0, 0] = float("nan")
+        return batch
+
+    @property
+    def epoch(self):
+        return self.inner.epoch
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--checkpoint-every", type=int, default=2)
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--nan-at", type=int, default=None)
+    p.add_argument("--sleep-per-step", type=float, default=0.0)
+    p.add_argument("--mesh-data", type=int, default=1)
+    p.add_argument("--coordinator", default=None)
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--cache-dir", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    devices = 1 if args.coordinator else args.mesh_data
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    flags += list(FAST_XLA_FLAGS) + [f"--xla_force_host_platform_device_count={devices}"]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.modules["torch"] = None  # see the module docstring
+
+    import jax
+
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id, initialization_timeout=120)
+
+    from clipjax.data import ArrayBatches
+    from clipjax.sharding import make_mesh
+    from clipjax.train.loop import train
+
+    mesh = make_mesh(data=args.mesh_data) if args.coordinator or args.mesh_data > 1 else None
+    data = Hooked(ArrayBatches(arrays(), BATCH, seed=0), nan_at=args.nan_at, sleep=args.sleep_per_step)
+    cfg = train_config(args.steps, args.checkpoint_every, args.keep_checkpoints)
+    result = train(tiny_config(), cfg, args.workdir, data, mesh=mesh, progress=False)
+    print(json.dumps({"step": result.step, "stopped": result.stopped, "process": jax.process_index()}), flush=True)
+    if args.coordinator:
+        jax.distributed.shutdown()
+
+
+# ---- helpers for the tests that run this script (stdlib only at import) ----
+
+WORKER = os.path.abspath(__file__)
+
+
+def command(workdir, steps, *extra) -> list[str]:
+    return [sys.executable, WORKER, "--workdir", str(workdir), "--steps", str(steps), *map(str, extra)]
+
+
+def cache_dir(tmp_path_factory) -> str:
+    """One persistent compilation cache for every worker of the test session."""
+    path = tmp_path_factory.getbasetemp() / "xla-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+REFERENCE_STEPS, REFERENCE_EVERY = 12, 2
+
+
+def reference_run(tmp_path_factory) -> str:
+    """The workdir of one uninterrupted run (12 steps, checkpoint every 2), made once per test session
+    and shared by test modules: callers only read it (copy it to change anything)."""
+    root = tmp_path_factory.getbasetemp() / "reference-run"
+    wd, done = root / "w", root / "done"
+    if not done.exists():
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        r = run(command(wd, REFERENCE_STEPS, "--checkpoint-every", REFERENCE_EVERY, "--cache-dir",
+                        cache_dir(tmp_path_factory)))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert result(r.stdout) == {"step": REFERENCE_STEPS, "stopped": "done", "process": 0}
+        done.write_text(r.stderr)
+    return str(wd)
+
+
+def run(cmd, timeout=300):
+    """Run to completion; stdout/stderr captured as text."""
+    import subprocess
+
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def start(cmd, log_prefix):
+    """Start in the background, stdout/stderr to `log_prefix.out` / `.err` (no pipe to fill up)."""
+    import subprocess
+
+    out, err = open(f"{log_prefix}.out", "w"), open(f"{log_prefix}.err", "w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+    proc.logs = (f"{log_prefix}.out", f"{log_prefix}.err")
+    return proc
+
+
+def logs(proc) -> tuple[str, str]:
+    return tuple(open(p).read() for p in proc.logs)
+
+
+def metrics(workdir) -> list[dict]:
+    """Complete rows of `workdir/metrics.jsonl` ([] while there is none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                pass
+    return rows
+
+
+def losses(workdir) -> dict[int, float]:
+    """step -> loss; asserts one row per step."""
+    rows = metrics(workdir)
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"{workdir}/metrics.jsonl repeats steps: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def wait_for_step(workdir, step, procs, timeout=300) -> int:
+    """Block until metrics.jsonl logs a step >= `step` (returns it); fail if a process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = metrics(workdir)
+        if rows and rows[-1]["step"] >= step:
+            return rows[-1]["step"]
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"worker exited with {p.returncode} before step {step}:\n{logs(p)[1][-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no step >= {step} in {workdir}/metrics.jsonl after {timeout} s")
+
+
+def stop(*procs) -> None:
+    """Kill workers still running (test clean-up)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def result(stdout: str) -> dict:
+    """The worker's closing JSON line."""
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no result line in the worker's stdout:\n{stdout[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def step_folders(workdir) -> list[int]:
+    root = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+
+
+def flat_params(workdir, step=None) -> dict:
+    """`clipjax.load(workdir)` params (the newest checkpoint, or `step`'s) as {path: numpy array}."""
+    import shutil
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    import clipjax
+
+    if step is not None:  # a workdir that holds only that step
+        with tempfile.TemporaryDirectory() as view:
+            shutil.copy(os.path.join(workdir, "clipjax.json"), view)
+            name = os.path.join("checkpoints", str(step))
+            shutil.copytree(os.path.join(workdir, name), os.path.join(view, name))
+            return flat_params(view)
+    model = clipjax.load(workdir)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+            jax.tree_util.tree_flatten_with_path(model.params.to_pure_dict())[0]}
+
+
+if __name__ == "__main__":
+    main()
