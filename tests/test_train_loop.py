@@ -161,8 +161,8 @@ def test_unreadable_train_item_falls_back_to_the_previous_checkpoint(tmp_path, w
 
     from clipjax.models import clip as F
     from clipjax.train import checkpoints as C
-    from clipjax.train.loop import _abstract_state
     from clipjax.train.optim import make_optimizer
+    from clipjax.train.state import state_factory
 
     wd = str(tmp_path / "w")
     shutil.copytree(workdir, wd)
@@ -171,7 +171,7 @@ def test_unreadable_train_item_falls_back_to_the_previous_checkpoint(tmp_path, w
 
     mc, cfg = W.tiny_config(), W.train_config(STEPS)
     optimizer = make_optimizer(cfg, F.split_trainable(F.abstract_params(mc))[0], mc)
-    _, abstract = _abstract_state(mc, optimizer, cfg, None)
+    abstract = jax.eval_shape(state_factory(mc, optimizer, seed=cfg.seed, ema=cfg.ema_decay is not None), None)
     ckpt, logged = C.Checkpointer(wd), []
     try:
         state, data_state = ckpt.restore(abstract, None, log=logged.append)

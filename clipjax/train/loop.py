@@ -50,7 +50,7 @@ from clipjax.train import checkpoints as C
 from clipjax.train.config import TrainConfig
 from clipjax.train.observe import MetricsWriter, compiled_flops, peak_flops
 from clipjax.train.optim import make_optimizer
-from clipjax.train.state import TrainState, create_state, mesh_context, state_shardings
+from clipjax.train.state import TrainState, mesh_context, state_factory, state_shardings
 from clipjax.train.step import check_compatible, make_train_step, normalize_images
 
 
@@ -124,15 +124,6 @@ def nonfinite_report(state: TrainState, batch: dict, model_config: CLIPConfig, c
             f"({len(names)}): {names[:10]}")
 
 
-def _abstract_state(model_config, optimizer, cfg, model_state):
-    def make(ms):
-        if ms is None:
-            ms = nnx.split(F.CLIP(model_config, rngs=nnx.Rngs(cfg.seed)))[1]
-        return create_state(ms, optimizer, seed=cfg.seed, ema=cfg.ema_decay is not None)
-
-    return make, jax.eval_shape(make, model_state)
-
-
 def train(model_config: CLIPConfig, cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
           mesh: Mesh | None = None, model_state: nnx.State | None = None,
           eval_fn: Callable[[nnx.State], dict] | None = None, teacher: Any = None, progress: bool = True,
@@ -172,7 +163,8 @@ def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, teac
 
     abstract_params = F.split_trainable(F.abstract_params(model_config))[0]
     optimizer = make_optimizer(cfg, abstract_params, model_config)
-    make, abstract = _abstract_state(model_config, optimizer, cfg, model_state)
+    make = state_factory(model_config, optimizer, seed=cfg.seed, ema=cfg.ema_decay is not None)
+    abstract = jax.eval_shape(make, model_state)
     shardings = state_shardings(abstract, mesh) if mesh is not None else None
     with contextlib.ExitStack() as cleanup:  # closed in reverse order, on success and on any error
         ckpt = C.Checkpointer(workdir, keep=cfg.keep_checkpoints, keep_every=cfg.keep_every)

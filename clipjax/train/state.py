@@ -66,27 +66,30 @@ def state_shardings(abstract: Any, mesh: Mesh, rules=RULES) -> Any:
     return jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def state_factory(model_config: CLIPConfig, optimizer: optax.GradientTransformation, *, seed: int, ema: bool):
+    """`make(model_state | None) -> TrainState`: from a given model state, or a random init from `seed`.
+
+    Meant for `jax.eval_shape(make, ...)` (the abstract state) and `jax.jit(make, out_shardings=...)`.
+    """
+
+    def make(model_state):
+        if model_state is None:
+            model_state = nnx.split(F.CLIP(model_config, rngs=nnx.Rngs(seed)))[1]
+        return create_state(model_state, optimizer, seed=seed, ema=ema)
+
+    return make
+
+
 def init_state(model_config: CLIPConfig, optimizer: optax.GradientTransformation, *, seed: int, ema: bool,
                mesh: Mesh | None = None, model_state: nnx.State | None = None) -> tuple[TrainState, Any]:
     """Create the train state (random init from `seed`, or from `model_state`), sharded on `mesh`.
 
     Returns `(state, shardings)`; `shardings` is None without a mesh.
     """
-
-    if model_state is None:
-        def create0():
-            return create_state(nnx.split(F.CLIP(model_config, rngs=nnx.Rngs(seed)))[1], optimizer, seed=seed,
-                                ema=ema)
-
-        abstract = jax.eval_shape(create0)
-        shardings = state_shardings(abstract, mesh) if mesh is not None else None
-        with mesh_context(mesh):
-            return jax.jit(create0, out_shardings=shardings)(), shardings
-    abstract = jax.eval_shape(lambda ms: create_state(ms, optimizer, seed=seed, ema=ema), model_state)
-    shardings = state_shardings(abstract, mesh) if mesh is not None else None
+    make = state_factory(model_config, optimizer, seed=seed, ema=ema)
+    shardings = state_shardings(jax.eval_shape(make, model_state), mesh) if mesh is not None else None
     with mesh_context(mesh):
-        return jax.jit(lambda ms: create_state(ms, optimizer, seed=seed, ema=ema),
-                       out_shardings=shardings)(model_state), shardings
+        return jax.jit(make, out_shardings=shardings)(model_state), shardings
 
 
 def mesh_context(mesh: Mesh | None):

@@ -32,6 +32,7 @@ from clipjax.config import CLIPConfig, ConfigError
 from clipjax.models import clip as F
 from clipjax.sharding import logical_to_spec
 from clipjax.train.config import TrainConfig
+from clipjax.train.optim import learning_rate_schedule
 from clipjax.train.state import TrainState, mesh_context
 
 Batch = dict[str, jax.Array]
@@ -180,23 +181,11 @@ def train_step(state: TrainState, batch: Batch, teacher_params=None, *, model_co
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-               "lr": optimizer_lr(cfg, state.step),
+               "lr": learning_rate_schedule(cfg)(state.step),
                "logit_scale": jnp.exp(params["logit_scale"][...].astype(jnp.float32))}
     if "logit_bias" in params:
         metrics["logit_bias"] = params["logit_bias"][...].astype(jnp.float32)
     return new, metrics
-
-
-def optimizer_lr(cfg: TrainConfig, step) -> jax.Array:
-    from clipjax.train.optim import learning_rate_schedule
-
-    return learning_rate_schedule(cfg)(step)
-
-
-def batch_shardings(mesh: Mesh, batch_spec: dict) -> dict:
-    """NamedShardings of a batch dict: the leading axis over the batch mesh axes."""
-    return {k: NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), mesh=mesh))
-            for k, shape in batch_spec.items()}
 
 
 def make_train_step(model_config: CLIPConfig, cfg: TrainConfig, optimizer: optax.GradientTransformation, *,
