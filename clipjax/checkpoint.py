@@ -110,7 +110,8 @@ class Model:
 
     @property
     def logit_scale(self) -> float:
-        return float(jnp.exp(self.params["logit_scale"][...]))
+        """The multiplier `exp(log_logit_scale)`."""
+        return float(jnp.exp(self.params["log_logit_scale"][...]))
 
     def tokenize(self, texts) -> np.ndarray:
         """Strings -> `[B, context_length]` int32 ids."""
@@ -186,7 +187,7 @@ def save(folder: str, config: CLIPConfig, params: nnx.State | dict, *, tokenizer
     return os.path.abspath(folder)
 
 
-def read_config(folder: str) -> CLIPConfig:
+def _read_meta(folder: str) -> dict:
     meta = os.path.join(folder, "clipjax.json")
     if not os.path.exists(meta):
         raise ConversionError(f"{folder}: not a clipjax checkpoint (no clipjax.json); convert it first with "
@@ -195,7 +196,15 @@ def read_config(folder: str) -> CLIPConfig:
         d = json.load(f)
     if d.get("format") != FORMAT:
         raise ConversionError(f"{meta}: format {d.get('format')!r} is not {FORMAT!r}")
-    return CLIPConfig.from_dict(d["config"])
+    return d
+
+
+def read_config(folder: str) -> CLIPConfig:
+    return CLIPConfig.from_dict(_read_meta(folder)["config"])
+
+
+# folders written before the log logit scale got its own name store it as `logit_scale`
+_LEGACY_NAMES = {"log_logit_scale": "logit_scale"}
 
 
 def params_dir(folder: str) -> str:
@@ -225,7 +234,9 @@ def load(folder: str, mesh=None, config_overrides: dict | None = None) -> Model:
     from clipjax.sharding import param_shardings
 
     folder = os.path.abspath(folder)
-    config = read_config(folder).architecture()
+    raw = _read_meta(folder)["config"]
+    legacy = "init_logit_scale" in raw
+    config = CLIPConfig.from_dict(raw).architecture()
     if config_overrides:
         config = config.replace(**config_overrides)
     abstract = F.abstract_params(config)
@@ -239,7 +250,13 @@ def load(folder: str, mesh=None, config_overrides: dict | None = None) -> Model:
                           abstract.to_pure_dict(), shard_tree)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(params_dir(folder), _strkeys(target))
+            stored = _strkeys(target)
+            if legacy:
+                stored = {_LEGACY_NAMES.get(k, k): v for k, v in stored.items()}
+            restored = ckptr.restore(params_dir(folder), stored)
+            if legacy:
+                old = {v: k for k, v in _LEGACY_NAMES.items()}
+                restored = {old.get(k, k): v for k, v in restored.items()}
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ConversionError(f"{folder}: params do not match the stored config or are damaged: {e}") from None
     nnx.replace_by_pure_dict(abstract, _like(restored, abstract.to_pure_dict()))

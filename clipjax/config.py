@@ -145,7 +145,7 @@ class CLIPConfig:
     text: TextConfig = field(default_factory=TextConfig)
     vision_proj: bool = True
     text_proj: bool = True
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_log_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     dtype: str = "float32"
@@ -188,8 +188,11 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
-        """Inverse of `to_dict`; unknown keys raise `ConfigError`."""
+        """Inverse of `to_dict`; unknown keys raise `ConfigError`. Reads configs saved before the
+        log-parameter was renamed (`init_logit_scale` -> `init_log_logit_scale`)."""
         d = dict(d)
+        if "init_logit_scale" in d and "init_log_logit_scale" not in d:
+            d["init_log_logit_scale"] = d.pop("init_logit_scale")
         sub = {"vision": VisionConfig, "text": TextConfig, "preprocess": PreprocessConfig}
         for key, kind in sub.items():
             if key in d:
@@ -240,7 +243,7 @@ def _siglip(embed, image, patch, width, layers, heads, mlp, ctx, vocab=32000, te
                         mlp_dim=text_mlp or mlp, act=act, causal=False, pool="last", eos_id=1,
                         proj_bias=True, ln_eps=1e-6),
         vision_proj=False,
-        init_logit_scale=math.log(10.0),
+        init_log_logit_scale=math.log(10.0),
         init_logit_bias=-10.0,
         preprocess=PreprocessConfig(mean=HALF, std=HALF, resize_mode="squash"),
     )
@@ -368,7 +371,7 @@ def from_open_clip_json(src: str | os.PathLike | dict) -> CLIPConfig:
     bias = d.get("init_logit_bias")
     return CLIPConfig(
         embed_dim=embed, vision=vision, text=text, vision_proj=vision_proj,
-        init_logit_scale=d.get("init_logit_scale", math.log(10.0) if bias is not None else math.log(1 / 0.07)),
+        init_log_logit_scale=d.get("init_logit_scale", math.log(10.0) if bias is not None else math.log(1 / 0.07)),
         init_logit_bias=bias, preprocess=pre)
 
 
@@ -409,7 +412,7 @@ def from_hf_config(cfg: Any) -> CLIPConfig:
                             width=tw, heads=t.get("num_attention_heads", 8), layers=t.get("num_hidden_layers", 12),
                             mlp_dim=t.get("intermediate_size", 2048), act=_hf_act(t.get("hidden_act", "quick_gelu")),
                             pool="argmax" if eos == 2 else "eos", eos_id=eos, ln_eps=t.get("layer_norm_eps", 1e-5)),
-            init_logit_scale=d.get("logit_scale_init_value", 2.6592))
+            init_log_logit_scale=d.get("logit_scale_init_value", 2.6592))
     vw = v.get("hidden_size", 768)
     tw = t.get("hidden_size", 768)
     embed = t.get("projection_size") or tw
@@ -427,5 +430,5 @@ def from_hf_config(cfg: Any) -> CLIPConfig:
                         mlp_dim=t.get("intermediate_size", 3072), act=_hf_act(t.get("hidden_act", "gelu_pytorch_tanh")),
                         causal=False, pool="last", eos_id=t.get("eos_token_id", 1), proj_bias=True,
                         ln_eps=t.get("layer_norm_eps", 1e-6)),
-        vision_proj=False, init_logit_scale=math.log(10.0), init_logit_bias=-10.0,
+        vision_proj=False, init_log_logit_scale=math.log(10.0), init_logit_bias=-10.0,
         preprocess=PreprocessConfig(mean=HALF, std=HALF, resize_mode="squash"))

@@ -1,4 +1,4 @@
-"""Checkpoints store the architecture only; run-time options are chosen at load time."""
+"""Checkpoints store the architecture only (run-time options are chosen at load time); old folders load."""
 
 import json
 import os
@@ -35,3 +35,25 @@ def test_checkpoint_written_with_runtime_options_still_loads(tmp_path):
         json.dump(d, f)
     model = clipjax.load(folder)
     assert model.config.dtype == "float32" and model.config.remat == "none" and model.config.scan_layers
+
+
+def test_checkpoint_from_before_the_log_logit_scale_rename_loads(tmp_path):
+    """Old folders call the log-parameter `logit_scale` (param and `init_logit_scale` in the config)."""
+    import orbax.checkpoint as ocp
+
+    folder = tiny_checkpoint(str(tmp_path / "new"))
+    new = clipjax.load(folder)
+    old = str(tmp_path / "old")
+    os.makedirs(old)
+    with open(os.path.join(folder, "clipjax.json")) as f:
+        d = json.load(f)
+    d["config"]["init_logit_scale"] = d["config"].pop("init_log_logit_scale")
+    with open(os.path.join(old, "clipjax.json"), "w") as f:
+        json.dump(d, f)
+    pure = {str(k): v for k, v in new.params.to_pure_dict().items()}
+    pure["logit_scale"] = pure.pop("log_logit_scale")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(old, "params"), pure)
+    loaded = clipjax.load(old)
+    assert loaded.config == new.config
+    assert loaded.logit_scale == new.logit_scale

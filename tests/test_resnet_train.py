@@ -101,7 +101,7 @@ def _random_pure(abstract: nnx.State, seed: int) -> dict:
         name = str(path[-1].key)
         if name == "var" or (name == "scale" and a.ndim == 1 and "bn" in str(path[-2].key)):
             return (rng.random(a.shape) + 0.5).astype(a.dtype)
-        if name == "logit_scale":
+        if name == "log_logit_scale":
             return np.asarray(np.log(1 / 0.07), a.dtype)
         return (0.1 * rng.normal(size=a.shape)).astype(a.dtype)
 

@@ -224,7 +224,7 @@ def test_param_names_and_structure(vit_params):
     assert jax.tree.structure(names) == jax.tree.structure(params)
     flat = jax.tree.leaves(names)
     assert "visual.transformer.blocks.attn.q_kernel" in flat and "text.token_embed" in flat
-    assert "logit_scale" in flat
+    assert "log_logit_scale" in flat
     for tree in (pg.decay_mask(params), pg.trainable_mask(params, cfg, lock_image=True),
                  pg.layer_decay_multipliers(params, cfg, 0.5)):
         assert jax.tree.structure(tree) == jax.tree.structure(params)
@@ -241,7 +241,7 @@ def test_param_names_and_structure(vit_params):
 
 def _ld_oracle(name, cfg, decay, n_layers=None):
     """float64 layer-decay oracle written from the definition."""
-    if name in ("logit_scale", "logit_bias"):
+    if name in ("log_logit_scale", "logit_bias"):
         return np.float64(1.0)
     tower, first = name.split(".")[:2]
     if tower == "visual" and cfg.vision.arch == "resnet":

@@ -125,7 +125,7 @@ def hf_config_dict(config: CLIPConfig) -> dict:
         raise ConversionError("this CLIP-style config has no transformers CLIPModel equivalent")
     text["eos_token_id"] = 2 if t.pool == "argmax" else t.eos_id
     return {"model_type": "clip", "text_config": text, "vision_config": vision, "projection_dim": config.embed_dim,
-            "logit_scale_init_value": config.init_logit_scale}
+            "logit_scale_init_value": config.init_log_logit_scale}
 
 
 def export_hf(model, out: str, overwrite: bool = False) -> str:

@@ -97,7 +97,7 @@ def infer_config(sd: dict, family: str, act: str = "gelu") -> CLIPConfig:
             text = _infer_text(sd, act, "text.", causal=False, pool="last", eps=1e-6)
             text = dataclasses.replace(text, heads=heads if text.width == width else text.heads)
             return CLIPConfig(embed_dim=width, vision=vision, text=text, vision_proj=False,
-                              init_logit_scale=math.log(10.0), init_logit_bias=-10.0,
+                              init_log_logit_scale=math.log(10.0), init_logit_bias=-10.0,
                               preprocess=PreprocessConfig(mean=HALF, std=HALF, resize_mode="squash"))
     except KeyError as e:
         raise ConversionError(f"cannot infer the architecture: key {e} is missing") from None

@@ -230,7 +230,7 @@ def hf_text_rules(cfg: CLIPConfig) -> list[Rule]:
 
 def scalar_rules(cfg: CLIPConfig, hf: bool) -> list[Rule]:
     fwd = (lambda x: (x.reshape(()),))
-    out = [rule("logit_scale", "logit_scale", fwd, lambda x: x.reshape((1,) if hf and cfg.is_siglip else ()))]
+    out = [rule("logit_scale", "log_logit_scale", fwd, lambda x: x.reshape((1,) if hf and cfg.is_siglip else ()))]
     if cfg.is_siglip:
         out.append(rule("logit_bias", "logit_bias", fwd, lambda x: x.reshape((1,))))
     return out

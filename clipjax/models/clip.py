@@ -28,7 +28,12 @@ from clipjax.sharding import param_shardings
 
 
 class CLIP(nnx.Module):
-    """Image tower (`visual`), text tower (`text`), `logit_scale` (log) and optional `logit_bias`."""
+    """Image tower (`visual`), text tower (`text`), `log_logit_scale` and optional `logit_bias`.
+
+    Naming, everywhere in clipjax: `log_logit_scale` is the stored log-parameter (open_clip's
+    `logit_scale` param, big_vision's `t`); `logit_scale` is always the multiplier
+    `exp(log_logit_scale)` that the losses take (open_clip's `logit_scale.exp()`).
+    """
 
     def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(config.param_dtype)
@@ -41,7 +46,8 @@ class CLIP(nnx.Module):
                                             rngs=rngs, attention=config.attention)
         self.text = TextTransformer(config.text, config.embed_dim, config.text_proj, param_dtype=pd, rngs=rngs,
                                     attention=config.attention)
-        self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, pd), out_sharding=(), eager_sharding=False)
+        self.log_logit_scale = nnx.Param(jnp.asarray(config.init_log_logit_scale, pd), out_sharding=(),
+                                         eager_sharding=False)
         self.logit_bias = (nnx.Param(jnp.asarray(config.init_logit_bias, pd), out_sharding=(), eager_sharding=False)
                            if config.init_logit_bias is not None else None)
 
@@ -145,7 +151,7 @@ def forward(params: nnx.State, pixels: jax.Array, ids: jax.Array, *, config: CLI
 
     Returns:
       `{"image": [B, E], "text": [B, E]}` L2-normalised float32 embeddings, `"logit_scale"`: the
-      multiplier `exp(params.logit_scale)` (float32 scalar), `"logit_bias"`: SigLIP's bias or None,
+      multiplier `exp(params.log_logit_scale)` (float32 scalar), `"logit_bias"`: SigLIP's bias or None,
       `"batch_stats"`: the BatchNorm statistics after the pass (updated in train mode; empty State
       for ViTs).
     """
@@ -156,7 +162,7 @@ def forward(params: nnx.State, pixels: jax.Array, ids: jax.Array, *, config: CLI
     txt = model.text(ids, dtype=jnp.dtype(config.dtype), scan=config.scan_layers, remat=config.remat)
     bias = model.logit_bias[...].astype(jnp.float32) if model.logit_bias is not None else None
     return {"image": l2_normalize(img), "text": l2_normalize(txt),
-            "logit_scale": jnp.exp(model.logit_scale[...].astype(jnp.float32)), "logit_bias": bias,
+            "logit_scale": jnp.exp(model.log_logit_scale[...].astype(jnp.float32)), "logit_bias": bias,
             "batch_stats": nnx.state(model, nnx.BatchStat)}
 
 
@@ -177,8 +183,8 @@ def encode_text(params: nnx.State, ids: jax.Array, *, config: CLIPConfig, normal
 
 
 def logits_from_embeddings(params: nnx.State, image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
-    """`exp(logit_scale) * img @ txt.T (+ logit_bias)`, `[B_img, B_txt]` from normalised embeddings."""
-    out = jnp.exp(params["logit_scale"][...].astype(jnp.float32)) * image_emb @ text_emb.T
+    """`exp(log_logit_scale) * img @ txt.T (+ logit_bias)`, `[B_img, B_txt]` from normalised embeddings."""
+    out = jnp.exp(params["log_logit_scale"][...].astype(jnp.float32)) * image_emb @ text_emb.T
     if "logit_bias" in params:
         out = out + params["logit_bias"][...].astype(jnp.float32)
     return out

@@ -72,7 +72,10 @@ def write_model_meta(workdir: str, model_config: CLIPConfig, train_config: dict)
 
 
 def _opt_leaves(opt_state) -> dict:
-    return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))}
+    """Optimizer-state leaves keyed by their path (`1.mu.visual.proj.value`): a restore into a state
+    of another structure fails by name instead of filling leaves by position."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
 
 
 class Checkpointer:
@@ -162,13 +165,12 @@ class Checkpointer:
         model_abs = nnx.merge_state(abstract.params, abstract.batch_stats)
         model_sh = None if sh is None else nnx.merge_state(sh.params, sh.batch_stats)
         params_t = target(pure(model_abs), None if sh is None else pure(model_sh))
-        opt_leaves_abs = jax.tree.leaves(abstract.opt_state)
-        opt_sh = [None] * len(opt_leaves_abs) if sh is None else jax.tree.leaves(sh.opt_state)
+        opt_abs = _opt_leaves(abstract.opt_state)
         train_t = {"step": abstract.step, "rng": abstract.rng,
-                   "opt": {f"{i:05d}": leaf for i, leaf in enumerate(opt_leaves_abs)}}
+                   "opt": opt_abs}
         train_sh = None
         if sh is not None:
-            train_sh = {"step": sh.step, "rng": sh.rng, "opt": {f"{i:05d}": s for i, s in enumerate(opt_sh)}}
+            train_sh = {"step": sh.step, "rng": sh.rng, "opt": _opt_leaves(sh.opt_state)}
         if abstract.ema is not None:
             train_t["ema"] = pure(abstract.ema)
             if sh is not None:
@@ -183,7 +185,7 @@ class Checkpointer:
         params, stats = nnx.split_state(model_state, nnx.Param, nnx.BatchStat)
         tr = got["train"]
         opt_state = jax.tree.unflatten(jax.tree.structure(abstract.opt_state),
-                                       [tr["opt"][f"{i:05d}"] for i in range(len(opt_leaves_abs))])
+                                       [tr["opt"][name] for name in opt_abs])
         ema = None
         if abstract.ema is not None:
             ema = jax.tree.map(lambda a: a, abstract.ema)

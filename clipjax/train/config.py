@@ -37,7 +37,8 @@ class TrainConfig:
       beta1, beta2, eps, weight_decay: AdamW; decay skips gains, biases and the logit scale/bias
         (`clipjax.train.param_groups.decay_mask`, open_clip's rule).
       grad_clip_norm: global-norm clipping (None: off), as `--grad-clip-norm`.
-      max_logit_scale: the stored log-scale is clamped to [0, this] after each update.
+      max_log_logit_scale: the stored `log_logit_scale` is clamped to [0, this] after each update
+        (ln 100: the multiplier `logit_scale` stays <= 100).
       label_smoothing: CLIP loss label smoothing.
       loss_block_size: stream the loss in column blocks of this size (None: full logits).
       hopfield_beta: CLOOB's Hopfield inverse temperature.
@@ -69,7 +70,7 @@ class TrainConfig:
     eps: float = 1e-6
     weight_decay: float = 0.2
     grad_clip_norm: float | None = None
-    max_logit_scale: float = math.log(100.0)
+    max_log_logit_scale: float = math.log(100.0)
     label_smoothing: float = 0.0
     loss_block_size: int | None = None
     hopfield_beta: float = 14.3

@@ -25,8 +25,8 @@ from clipjax.config import CLIPConfig
 
 __all__ = ["param_names", "decay_mask", "trainable_mask", "layer_decay_multipliers", "scale_by_tree"]
 
-_VECTORS = ("bias", "scale", "class_embedding", "logit_scale", "logit_bias")  # torch 0-D/1-D tensors
-_SCALARS = ("logit_scale", "logit_bias")
+_VECTORS = ("bias", "scale", "class_embedding", "log_logit_scale", "logit_bias")  # torch 0-D/1-D tensors
+_SCALARS = ("log_logit_scale", "logit_bias")
 _RN_STAGES = {"conv1": 0, "bn1": 0, "conv2": 0, "bn2": 0, "conv3": 0, "bn3": 0, "layer1": 1, "layer2": 2,
               "layer3": 3, "layer4": 4, "attnpool": 5}
 
@@ -87,7 +87,7 @@ def decay_mask(params):
     tensors: q/k/v kernels `[D, H, Dh]` are torch matrices (decayed), q/k/v biases `[H, Dh]` are
     torch vectors (not decayed), and stacked `blocks` params are judged without the layer axis.
     Not decayed: every bias, LayerNorm/BatchNorm `scale`, `class_embedding` (1-D in torch),
-    `logit_scale`, `logit_bias` (0-D) and BatchNorm statistics. Decayed: all kernels and conv
+    `log_logit_scale`, `logit_bias` (0-D) and BatchNorm statistics. Decayed: all kernels and conv
     weights, the projections, and - note - the token embedding, the positional embeddings
     (text, ViT, ResNet attention pool) and the SigLIP MAP probe, which are 2-D/3-D in torch so
     open_clip DOES decay them (its `no_weight_decay()` lists are only for timm optimizers and are
@@ -168,7 +168,7 @@ def trainable_mask(params, config: CLIPConfig, *, lock_image: bool = False, lock
       `ModifiedResNet.lock` asserts `unlocked_groups == 0`; partial unlocking is a clipjax
       extension with these groups.
 
-    `logit_scale` / `logit_bias` always train (open_clip never locks them); BatchNorm statistics
+    `log_logit_scale` / `logit_bias` always train (open_clip never locks them); BatchNorm statistics
     never do.
 
     Args:
@@ -213,7 +213,7 @@ def layer_decay_multipliers(params, config: CLIPConfig, decay: float):
     positional embeddings); i + 1: transformer block i; L + 1: everything after the blocks
     (ln_post, MAP head, projections, ln_final). Multiplier `decay ** (L + 1 - id)` with L the
     tower's layer count, so the head gets 1.0. ResNet towers: stem 0, layer1..4 = 1..4,
-    attnpool 5 (L = 4). `logit_scale` / `logit_bias` get 1.0.
+    attnpool 5 (L = 4). `log_logit_scale` / `logit_bias` get 1.0.
 
     Args:
       params: params `nnx.State`.

@@ -10,7 +10,7 @@ Batch contract (per step, global view): `{"image": [B, H, W, 3] uint8 or float32
 int32}`. uint8 images are normalised on the device with the model's mean/std
 (`(x / 255 - mean) / std`); float32 images are taken as already preprocessed.
 
-After each update the stored log logit scale is clamped to `[0, max_logit_scale]` (open_clip's
+After each update the stored `log_logit_scale` is clamped to `[0, max_log_logit_scale]` (open_clip's
 `logit_scale.clamp_(0, ln 100)`). A step whose loss or gradient norm is not finite changes
 nothing (params, optimizer state, EMA, BatchNorm statistics and step all stay) and reports
 `finite = False`; the loop stops on it.
@@ -127,17 +127,17 @@ def _grads(state: TrainState, batch: Batch, model_config: CLIPConfig, cfg: Train
     def loss_of_features(params, feats):
         bias = params["logit_bias"][...].astype(jnp.float32) if "logit_bias" in params else None
         out = {"image": feats[0], "text": feats[1], "logit_bias": bias,
-               "logit_scale": jnp.exp(params["logit_scale"][...].astype(jnp.float32))}
+               "logit_scale": jnp.exp(params["log_logit_scale"][...].astype(jnp.float32))}
         return contrastive_loss(out, cfg, mesh, teacher_out)
 
     loss, grads = losses.accumulate_contrastive_grads(encode, loss_of_features, state.params, micro)
     return loss, grads, state.batch_stats
 
 
-def _clamp_logit_scale(params, max_value: float):
-    """open_clip's `logit_scale.clamp_(0, max_value)` on the stored log-scale."""
-    ls = params["logit_scale"]
-    params["logit_scale"] = ls.replace(jnp.clip(ls[...], 0.0, max_value).astype(ls[...].dtype))
+def _clamp_log_logit_scale(params, max_value: float):
+    """open_clip's `logit_scale.clamp_(0, max_value)` on the stored `log_logit_scale`."""
+    ls = params["log_logit_scale"]
+    params["log_logit_scale"] = ls.replace(jnp.clip(ls[...], 0.0, max_value).astype(ls[...].dtype))
     return params
 
 
@@ -172,7 +172,7 @@ def train_step(state: TrainState, batch: Batch, teacher_params=None, *, model_co
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    params = _clamp_logit_scale(params, cfg.max_logit_scale)
+    params = _clamp_log_logit_scale(params, cfg.max_log_logit_scale)
     ema = state.ema
     if ema is not None:
         d = cfg.ema_decay
@@ -182,7 +182,7 @@ def train_step(state: TrainState, batch: Batch, teacher_params=None, *, model_co
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                "lr": learning_rate_schedule(cfg)(state.step),
-               "logit_scale": jnp.exp(params["logit_scale"][...].astype(jnp.float32))}
+               "logit_scale": jnp.exp(params["log_logit_scale"][...].astype(jnp.float32))}
     if "logit_bias" in params:
         metrics["logit_bias"] = params["logit_bias"][...].astype(jnp.float32)
     return new, metrics
