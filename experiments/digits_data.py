@@ -406,7 +406,7 @@ def write_report(evaluator: DigitsEval, info: dict, result, workdir: str, *, mod
         "checkpoint": ckpt,
         "reload_equal": ckpt is not None,
         "workdir": os.path.abspath(workdir),
-        "logit_scale": float(np.exp(np.asarray(result.state.model_state["logit_scale"][...]))),
+        "logit_scale": float(np.exp(np.asarray(result.state.model_state["log_logit_scale"][...]))),
         **info,
         "model_config": model_config.to_dict(),
         "train_config": train_config.to_dict(),

@@ -82,11 +82,11 @@ def test_recipe_numbers(train_py):
     sig = train_py.train_config(cfgs["siglip_b16.py"])
     sig_m = train_py.model_config(cfgs["siglip_b16.py"])
     assert (sig.loss, sig.lr, sig.weight_decay, sig.beta2) == ("siglip", 1e-3, 1e-4, 0.95)
-    assert np.isclose(np.exp(sig_m.init_logit_scale), 10.0) and sig_m.init_logit_bias == -10.0
+    assert np.isclose(np.exp(sig_m.init_log_logit_scale), 10.0) and sig_m.init_logit_bias == -10.0
     cl = train_py.train_config(cfgs["cloob_rn50.py"])
     cl_m = train_py.model_config(cfgs["cloob_rn50.py"])
     assert (cl.loss, cl.hopfield_beta, cl_m.vision.arch) == ("cloob", 8.0, "resnet")
-    assert np.isclose(np.exp(cl_m.init_logit_scale), 30.0) and np.isclose(np.exp(cl.max_logit_scale), 100.0)
+    assert np.isclose(np.exp(cl_m.init_log_logit_scale), 30.0) and np.isclose(np.exp(cl.max_log_logit_scale), 100.0)
     assert train_py.train_config(cfgs["lit.py"]).lock_image
 
 

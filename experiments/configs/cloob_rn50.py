@@ -37,14 +37,14 @@ def get_config(arg=None):
         schedule="cosine",
         weight_decay=0.1,
         hopfield_beta=beta,
-        max_logit_scale=math.log(100.0),
+        max_log_logit_scale=math.log(100.0),
         dtype="bfloat16",
         log_every=100,
         checkpoint_every=5000,
         eval_every=0,
     )
     c.model.name = "RN50"
-    c.model.overrides = {"init_logit_scale": math.log(inv_tau)}
+    c.model.overrides = {"init_log_logit_scale": math.log(inv_tau)}
     c.mesh.data = -1
     c.data = {"name": "cc3m"}
     return c

@@ -46,7 +46,7 @@ def get_config(arg=None):
         eval_every=0,
     )
     c.model.name = "ViT-B-32"
-    c.model.overrides = {"init_logit_scale": math.log(10.0)}  # used where the logit scale starts fresh
+    c.model.overrides = {"init_log_logit_scale": math.log(10.0)}  # used where the logit scale starts fresh
     c.init_towers = "image" if arg == "scratch_text" else "both"
     c.mesh.data = -1
     c.data = {"name": "coco_captions"}

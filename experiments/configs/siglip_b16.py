@@ -35,13 +35,13 @@ def get_config(arg=None):
         beta2=0.95,
         eps=1e-8,
         grad_clip_norm=1.0,
-        max_logit_scale=100.0,  # SigLIP does not clamp t' (open_clip's ln(100) clamp would bind at t = 100)
+        max_log_logit_scale=100.0,  # SigLIP does not clamp t' (open_clip's ln(100) clamp would bind at t = 100)
         dtype="bfloat16",
         log_every=100,
         checkpoint_every=2000,
         eval_every=0,
     )
-    c.model.name = "ViT-B-16-SigLIP"  # init_logit_scale = log 10, init_logit_bias = -10 (the paper's init)
+    c.model.name = "ViT-B-16-SigLIP"  # init_log_logit_scale = log 10, init_logit_bias = -10 (the paper's init)
     c.mesh.data = -1
     c.data = {"name": "webli"}
     return c
