@@ -182,9 +182,9 @@ def train_step(state: TrainState, batch: Batch, teacher_params=None, *, model_co
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                "lr": learning_rate_schedule(cfg)(state.step),
-               "logit_scale": jnp.exp(params["log_logit_scale"][...].astype(jnp.float32))}
-    if "logit_bias" in params:
-        metrics["logit_bias"] = params["logit_bias"][...].astype(jnp.float32)
+               "logit_scale": jnp.exp(new.params["log_logit_scale"][...].astype(jnp.float32))}
+    if "logit_bias" in new.params:
+        metrics["logit_bias"] = new.params["logit_bias"][...].astype(jnp.float32)
     return new, metrics
 
 
