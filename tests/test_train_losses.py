@@ -116,3 +116,26 @@ def test_drop_patches_keeps_the_class_token_and_order():
     assert drop_patches(x, 0.99, jax.random.key(1), num_prefix=1).shape == (2, 2, 3)
     with pytest.raises(ValueError, match="patch_dropout must be in"):
         drop_patches(x, 1.0, jax.random.key(0), num_prefix=1)
+
+
+def test_longclip_step_uses_long_and_short_captions_and_freezes_the_first_positions():
+    base = _cfg()
+    cfg = base.replace(text=dataclasses.replace(base.text, context_length=24))
+    rng = np.random.default_rng(2)
+    batch = {"image": rng.integers(0, 256, (B, 32, 32, 3)).astype(np.uint8),
+             "text": rng.integers(1, 100, (B, 24)).astype(np.int32),
+             "short_text": rng.integers(1, 100, (B, 10)).astype(np.int32)}
+    ms = F.init_params(cfg, seed=0)
+    tc = TrainConfig(loss="longclip", batch_size=B, total_steps=2, warmup_steps=1, label_smoothing=0.1,
+                     longclip_components=4)
+    state, m = _one_step(cfg, tc, ms, batch)
+    long_out = _forward(cfg, ms, batch)
+    short_ids = np.pad(batch["short_text"], ((0, 0), (0, 14)))
+    short = F.encode_text(ms, jnp.asarray(short_ids), config=cfg)
+    want = losses.longclip_loss(long_out["image"], long_out["text"], short, long_out["logit_scale"],
+                                num_components=4, label_smoothing=0.1)
+    np.testing.assert_allclose(float(m["loss"]), float(want), rtol=1e-5)
+    before = np.asarray(ms["text"]["pos_embed"][...])
+    after = np.asarray(state.params["text"]["pos_embed"][...])
+    np.testing.assert_array_equal(after[:20], before[:20])
+    assert np.abs(after[20:] - before[20:]).min() > 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from clipjax.config import ConfigError
 
-LOSSES = ("clip", "siglip", "cloob", "distill")
+LOSSES = ("clip", "siglip", "cloob", "distill", "longclip")
 SCHEDULES = ("cosine", "const", "const-cooldown")
 
 
@@ -27,7 +27,10 @@ class TrainConfig:
     Attributes:
       loss: "clip" (softmax InfoNCE), "siglip" (pairwise sigmoid), "cloob" (InfoLOOB on Hopfield
         retrievals; the model's logit scale is CLOOB's 1/tau) or "distill" (CLIP loss plus open_clip's
-        distillation term from a teacher passed to the trainer).
+        distillation term from a teacher passed to the trainer) or "longclip" (Long-CLIP fine-tuning:
+        long captions against images plus short captions, batch key "short_text", against the
+        images' top `longclip_components` principal components (PCA per batch device, as Long-CLIP
+        per GPU); set `label_smoothing=0.1` as Long-CLIP does; text positions < 20 stay frozen).
       batch_size: global batch (all processes, all micro-batches).
       total_steps: optimizer updates of the run (the schedule's length).
       lr, warmup_steps, schedule: open_clip's `--lr`, `--warmup`, `--lr-scheduler`; warm-up is
@@ -42,6 +45,7 @@ class TrainConfig:
       label_smoothing: CLIP loss label smoothing.
       loss_block_size: stream the loss in column blocks of this size (None: full logits).
       hopfield_beta: CLOOB's Hopfield inverse temperature.
+      longclip_components: principal components kept for Long-CLIP's short-caption loss (32).
       micro_batches: gradient accumulation that keeps every negative (GradCache form).
       ema_decay: keep an exponential moving average of the params (None: off).
       patch_dropout: FLIP image-token drop ratio while training (ViT only).
@@ -74,6 +78,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss_block_size: int | None = None
     hopfield_beta: float = 14.3
+    longclip_components: int = 32
     micro_batches: int = 1
     ema_decay: float | None = None
     patch_dropout: float = 0.0

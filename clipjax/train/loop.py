@@ -68,8 +68,10 @@ class TrainResult:
     metrics: dict
 
 
-def check_batch(batch: dict, model_config: CLIPConfig, local_batch: int) -> None:
+def check_batch(batch: dict, model_config: CLIPConfig, local_batch: int, loss: str = "clip") -> None:
     """Refuse a batch that does not fit the model, naming the key, what came and what was expected."""
+    if loss == "longclip" and "short_text" not in batch:
+        raise ValueError("loss='longclip' needs batch key 'short_text' [b, <= L] int32 (the short captions)")
     missing = {"image", "text"} - set(batch)
     if missing:
         raise ValueError(f"batch is missing {sorted(missing)}; expected keys 'image' [b, H, W, 3] and 'text' [b, L]")
@@ -85,6 +87,11 @@ def check_batch(batch: dict, model_config: CLIPConfig, local_batch: int) -> None
         raise ValueError(f"batch 'text' has shape {txt.shape}; expected [{local_batch}, <= {L}] token ids")
     if txt.dtype != np.int32:
         raise ValueError(f"batch 'text' has dtype {txt.dtype}; expected int32 token ids")
+    if loss == "longclip":
+        short = np.asarray(batch["short_text"])
+        if short.ndim != 2 or short.shape[0] != local_batch or short.shape[1] > txt.shape[1] or short.dtype != np.int32:
+            raise ValueError(f"batch 'short_text' has shape {short.shape} and dtype {short.dtype}; expected int32 "
+                             f"[{local_batch}, <= {txt.shape[1]}] token ids")
 
 
 def global_batch(local: dict, mesh: Mesh | None) -> dict:
@@ -178,7 +185,7 @@ def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, teac
         # the first batch is checked before the state is created or anything is written
         first = next(data) if start < cfg.total_steps else None
         if first is not None:
-            check_batch(first, model_config, local_batch)
+            check_batch(first, model_config, local_batch, cfg.loss)
         if restored is None:
             with mesh_context(mesh):
                 state = jax.jit(make, out_shardings=shardings)(model_state)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from clipjax.config import CLIPConfig
+from clipjax.models.longclip import KEEP as LONGCLIP_KEEP
 from clipjax.train import param_groups
 from clipjax.train.config import TrainConfig
 
@@ -54,13 +55,14 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 def make_optimizer(cfg: TrainConfig, params, model_config: CLIPConfig) -> optax.GradientTransformation:
     """The optax chain for `params` (an `nnx.State` of trainable Params) under `cfg`."""
-    locked = cfg.lock_image or cfg.lock_text
     trainable = None
-    if locked:
+    if cfg.lock_image or cfg.lock_text or cfg.loss == "longclip":
         trainable = param_groups.trainable_mask(
             params, model_config, lock_image=cfg.lock_image,
             lock_image_unlocked_groups=cfg.lock_image_unlocked_groups, lock_text=cfg.lock_text,
             lock_text_unlocked_layers=cfg.lock_text_unlocked_layers)
+    if cfg.loss == "longclip":  # Long-CLIP keeps the first 20 text positions frozen
+        trainable = param_groups.freeze_rows(trainable, params, "text.pos_embed", LONGCLIP_KEEP)
     chain = []
     if trainable is not None:
         chain.append(param_groups.scale_by_tree(trainable))

@@ -206,6 +206,28 @@ def trainable_mask(params, config: CLIPConfig, *, lock_image: bool = False, lock
     return _map(one, params)
 
 
+def freeze_rows(mask, params, name: str, rows: int):
+    """`mask` (a `trainable_mask` tree) with the first `rows` rows of the param `name` set to 0.
+
+    That leaf becomes a `[n, 1, ...]` array broadcastable to the param, e.g. Long-CLIP's frozen
+    first 20 text positions: `freeze_rows(mask, params, "text.pos_embed", 20)`.
+    """
+    values = dict(zip(jax.tree.leaves(param_names(mask)), (np.asarray(v, np.float32) for v in jax.tree.leaves(mask))))
+    hit = []
+
+    def one(leaf_name, leaf, shape):
+        if leaf_name != name:
+            return values[leaf_name]
+        hit.append(leaf_name)
+        keep = (np.arange(shape[0]) >= rows).astype(np.float32).reshape((shape[0],) + (1,) * (len(shape) - 1))
+        return values[leaf_name] * keep
+
+    out = _map(one, params)
+    if not hit:
+        raise ValueError(f"no param named {name!r}")
+    return out
+
+
 def layer_decay_multipliers(params, config: CLIPConfig, decay: float):
     """Layer-wise learning-rate decay multipliers (BEiT / big_vision style), per tower.
 

@@ -72,6 +72,9 @@ def contrastive_loss(out: dict, cfg: TrainConfig, mesh: Mesh | None, teacher: di
             loss = loss + losses.distill_loss(img, txt, scale, teacher["image"], teacher["text"],
                                               teacher["logit_scale"])
         return loss
+    if cfg.loss == "longclip":
+        return losses.longclip_loss(img, txt, out["short_text"], scale, num_components=cfg.longclip_components,
+                                    label_smoothing=cfg.label_smoothing, pca_groups=batch_axes_size(mesh))
     if cfg.loss == "siglip":
         if sharded:
             return losses.sharded_siglip_loss(img, txt, scale, bias, mesh=mesh, block_size=block)
@@ -90,6 +93,9 @@ def check_compatible(model_config: CLIPConfig, cfg: TrainConfig, mesh: Mesh | No
     resnet = model_config.vision.arch == "resnet"
     if resnet and cfg.patch_dropout:
         raise ConfigError("patch_dropout needs a ViT image tower; this model is a ResNet")
+    if cfg.loss == "longclip" and cfg.micro_batches > 1:
+        raise ConfigError("loss='longclip' with micro_batches > 1 is not supported (the short-caption PCA "
+                          "needs the whole batch's image embeddings)")
     if resnet and cfg.micro_batches > 1:
         raise ConfigError("micro_batches > 1 with a ResNet tower: train-mode BatchNorm statistics depend on "
                           "the micro-batch, so accumulation would not equal the full-batch step")
@@ -104,6 +110,10 @@ def _grads(state: TrainState, batch: Batch, model_config: CLIPConfig, cfg: Train
     """(loss, grads, new batch stats) for one step, with or without accumulation."""
     pixels = normalize_images(batch["image"], model_config)
     ids = batch["text"]
+    if cfg.loss == "longclip":  # long and short captions through the text tower in one pass
+        short = batch["short_text"]
+        short = jnp.pad(short, ((0, 0), (0, ids.shape[1] - short.shape[1])))
+        ids = jnp.concatenate([ids, short], axis=0)
 
     def forward(params, stats, px, tx, key):
         return F.forward(F.merge_state(params, stats), px, tx, config=model_config, train=True,
@@ -112,6 +122,9 @@ def _grads(state: TrainState, batch: Batch, model_config: CLIPConfig, cfg: Train
     if cfg.micro_batches == 1:
         def loss_fn(params):
             out = forward(params, state.batch_stats, pixels, ids, rng)
+            if cfg.loss == "longclip":
+                b = pixels.shape[0]
+                out["text"], out["short_text"] = out["text"][:b], out["text"][b:]
             return contrastive_loss(out, cfg, mesh, teacher_out), out["batch_stats"]
 
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
