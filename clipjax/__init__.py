@@ -1,6 +1,7 @@
 """clipjax: CLIP, SigLIP and CLOOB in JAX/Flax."""
 
-from clipjax.config import CLIPConfig, PRESETS, TextConfig, VisionConfig, get_config
+from clipjax.config import CLIPConfig, TextConfig, VisionConfig
+from clipjax.presets import PRESETS, get_config
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """`clipjax` command line: convert, export, info (and eval / score / ood from their packages).
 
     clipjax convert SRC OUT [--arch NAME | --config FILE] [--tokenizer DIR] [--overwrite]
-    clipjax export MODEL_DIR OUT_HF [--overwrite]
+    clipjax export MODEL_DIR OUT [--format hf|open_clip] [--name NAME] [--overwrite]
     clipjax info MODEL_DIR
 """
 
@@ -33,9 +33,19 @@ def _convert(args) -> int:
 
 
 def _export(args) -> int:
-    from clipjax.convert.api import export_hf
+    from clipjax.convert import export
 
-    print(export_hf(args.model, args.out, overwrite=args.overwrite))
+    if args.format == "hf":
+        if args.name is not None:
+            raise ValueError("--name applies to --format open_clip only")
+        print(export.export_hf(args.model, args.out, overwrite=args.overwrite))
+        return 0
+    from clipjax.checkpoint import load
+
+    model = load(args.model)
+    paths = export.open_clip_paths(model.config, args.out, args.name)
+    export.export_open_clip(model, args.out, name=paths["name"], overwrite=args.overwrite)
+    print(json.dumps(paths))
     return 0
 
 
@@ -59,9 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="folder with tokenizer files to store with the checkpoint")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_convert)
-    p = sub.add_parser("export", help="clipjax checkpoint -> transformers model folder (CLIPModel/SiglipModel)")
-    p.add_argument("model")
-    p.add_argument("out")
+    p = sub.add_parser("export", help="clipjax checkpoint -> transformers model folder (CLIPModel/SiglipModel, "
+                                      "processor, tokenizer) or open_clip .safetensors + model config")
+    p.add_argument("model", help="clipjax checkpoint folder")
+    p.add_argument("out", help="hf: output folder; open_clip: output .safetensors file (NAME.json and "
+                               "open_clip_config.json are written beside it)")
+    p.add_argument("--format", choices=("hf", "open_clip"), default="hf")
+    p.add_argument("--name", help="open_clip model name for NAME.json (default: the matching preset name, "
+                                  "else the file's stem)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_export)
     p = sub.add_parser("info", help="print a checkpoint's config")

@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
+import torch
+import open_clip
 
 from clipjax.cli import main as cli  # noqa: E402
 from clipjax.convert.api import convert  # noqa: E402

@@ -9,22 +9,26 @@ import pytest
 
 pytestmark = pytest.mark.parity
 
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
+import torch
+import open_clip
 
 from helpers import assert_close_scaled  # noqa: E402
 
 import clipjax  # noqa: E402
 from clipjax.cli import main as cli  # noqa: E402
+from clipjax.convert.api import convert  # noqa: E402
+from clipjax.convert.errors import ConversionError  # noqa: E402
 from clipjax.preprocess import preprocess  # noqa: E402
 from clipjax.tokenizer import Tokenizer  # noqa: E402
 
-# (arch, source format, pass --arch?) -- every format and both inference paths are covered
+# (arch, source format, pass --arch?) -- every format; inference from OpenAI's TorchScript (exact: OpenAI's
+# code fixes the heads and QuickGELU) and from a state dict whose shapes fit one preset only (SigLIP);
+# ViT-B-32 / RN50 state dicts fit their -quickgelu twins too, so they need --arch
 CASES = [
-    ("ViT-B-32", "safetensors", False),
+    ("ViT-B-32", "safetensors", True),
     ("ViT-B-32-quickgelu", "torchscript", False),
     ("ViT-B-16", "pt", True),
-    ("RN50", "train_ckpt", False),
+    ("RN50", "train_ckpt", True),
     ("ViT-B-16-SigLIP", "safetensors", False),
 ]
 
@@ -77,6 +81,10 @@ def converted(request, tmp_path_factory, photos, captions):
     src = str(d / f"model.{ {'torchscript': 'pt', 'train_ckpt': 'pt'}.get(fmt, fmt)}")
     _save(model, fmt, src, tp, ti)
     out = str(d / "clipjax")
+    if arch == "ViT-B-32":  # without --arch: refused, naming both architectures the shapes fit
+        with pytest.raises(ConversionError, match="ViT-B-32, ViT-B-32-quickgelu. Pass --arch"):
+            convert(src, str(d / "guess"))
+        assert not (d / "guess").exists()
     assert cli(["convert", src, out] + (["--arch", arch] if give_arch else [])) == 0
     with torch.no_grad():
         ref_img = model.encode_image(tp, normalize=True).numpy()

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clipjax.config import PRESETS, VisionConfig
+from clipjax.config import VisionConfig
+from clipjax.presets import PRESETS
 from clipjax.convert.errors import ConversionError
 from clipjax.convert.resnet_keys import key_table, resnet_from_torch, resnet_to_torch
 from clipjax.models.resnet import BatchNorm, ModifiedResNet

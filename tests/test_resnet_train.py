@@ -139,8 +139,8 @@ def _train_step(graphdef):
 @pytest.fixture(scope="module")
 def torch_tower():
     """A torch ModifiedResNet with random BN affine params and running statistics, and its numpy state dict."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("open_clip")
+    import torch
+    import open_clip  # noqa: F401
     from open_clip.modified_resnet import ModifiedResNet as TorchResNet
 
     torch.manual_seed(0)

@@ -81,8 +81,8 @@ def _unit_values(tree, config):
 
 
 def _open_clip():
-    torch = pytest.importorskip("torch")
-    open_clip = pytest.importorskip("open_clip")
+    import torch
+    import open_clip
     return torch, open_clip
 
 
@@ -95,7 +95,7 @@ def _oc_vit():
 def _oc_siglip(monkeypatch):
     """open_clip's ViT-B-16-SigLIP construction (timm trunk, MAP pool, no proj), shrunk via timm kwargs."""
     _, open_clip = _open_clip()
-    timm = pytest.importorskip("timm")
+    import timm
     cfg = open_clip.get_model_config("ViT-B-16-SigLIP")
     monkeypatch.setattr(timm, "create_model", functools.partial(timm.create_model, embed_dim=64, depth=3,
                                                                 num_heads=1, img_size=32))

@@ -6,9 +6,10 @@ Families (detected from the keys):
   `open_clip_siglip`  open_clip SigLIP: timm ViT trunk (`visual.trunk.*`) + `text.*` tower
   `hf_clip`, `hf_siglip`  transformers `CLIPModel` / `SiglipModel`
 
-Activation functions cannot be read from weights: TorchScript (OpenAI) files
-are QuickGELU; other open_clip state dicts are assumed GELU unless an `arch`
-(e.g. `ViT-B-32-quickgelu`) or a config says otherwise.
+Head widths and activation functions cannot be read from weights. TorchScript
+(OpenAI) files are built by OpenAI's code: 64-wide heads and QuickGELU. Any
+other state dict must fit exactly one preset (`match_presets`), or the user
+passes `--arch` / `--config`; nothing is guessed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import re
 
 import numpy as np
 
-from clipjax.config import (HALF, CLIPConfig, PreprocessConfig, TextConfig, VisionConfig, from_hf_config)
+from clipjax.config import (HALF, CLIPConfig, PreprocessConfig, TextConfig, VisionConfig)
+from clipjax.convert.hf_config import from_hf_config
 from clipjax.convert import rules as R
 from clipjax.convert.errors import ConversionError
 
@@ -49,12 +51,18 @@ def _text_prefix(sd: dict) -> str:
     return "text." if "text.token_embedding.weight" in sd else ""
 
 
+def _openai_heads(width: int) -> int:
+    """OpenAI's head count, `width // 64` (1 for widths it does not divide: shapes only)."""
+    heads = max(width // 64, 1)
+    return heads if width % heads == 0 else 1
+
+
 def _infer_text(sd: dict, act: str, p: str, causal=True, pool="argmax", eps=1e-5) -> TextConfig:
     vocab, width = sd[f"{p}token_embedding.weight"].shape
     ctx = sd[f"{p}positional_embedding"].shape[0]
     layers = _count(sd, rf"{re.escape(p)}transformer\.resblocks\.(\d+)\.")
     mlp = sd[f"{p}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    return TextConfig(context_length=ctx, vocab_size=vocab, width=width, heads=max(width // 64, 1), layers=layers,
+    return TextConfig(context_length=ctx, vocab_size=vocab, width=width, heads=_openai_heads(width), layers=layers,
                       mlp_dim=mlp, act=act, causal=causal, pool=pool, eos_id=49407 if pool == "argmax" else 1,
                       proj_bias=f"{p}text_projection.bias" in sd, ln_eps=eps)
 
@@ -65,17 +73,20 @@ def _bias_init(sd: dict) -> float | None:
 
 
 def infer_config(sd: dict, family: str, act: str = "gelu") -> CLIPConfig:
-    """Architecture from tensor shapes. Head counts follow open_clip's 64-wide heads (SigLIP: known widths)."""
+    """The architecture OpenAI's own code builds for these shapes: 64-wide attention heads in both
+    towers and the ResNet's attention pool, `act` everywhere. Exact for OpenAI's TorchScript files
+    (QuickGELU); for any other file the head width and activation are unknown: `match_presets`."""
     try:
         if family == "openai":
             width, _, patch, _ = sd["visual.conv1.weight"].shape
             grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
             vision = VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
-                                  layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=width // 64,
-                                  mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=act)
+                                  layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=_openai_heads(width),
+                                  mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=act,
+                                  ln_pre="visual.ln_pre.weight" in sd)
             text = _infer_text(sd, act, _text_prefix(sd))
             return CLIPConfig(embed_dim=sd["visual.proj"].shape[1], vision=vision, text=text,
-                              init_logit_bias=_bias_init(sd))
+                              text_proj=_has_text_proj(sd), init_logit_bias=_bias_init(sd))
         if family == "openai_rn":
             width = sd["visual.layer1.0.conv1.weight"].shape[1]
             layers = tuple(_count(sd, rf"visual\.layer{s}\.(\d+)\.") for s in range(1, 5))
@@ -84,24 +95,84 @@ def infer_config(sd: dict, family: str, act: str = "gelu") -> CLIPConfig:
             vision = VisionConfig(arch="resnet", image_size=grid * 32, width=width, layers=layers,
                                   heads=width * 32 // 64, mlp_dim=0, pool="attnpool", ln_pre=False)
             return CLIPConfig(embed_dim=embed, vision=vision, text=_infer_text(sd, act, _text_prefix(sd)),
-                              init_logit_bias=_bias_init(sd))
+                              text_proj=_has_text_proj(sd), init_logit_bias=_bias_init(sd))
         if family == "open_clip_siglip":
             t = "visual.trunk."
             width, _, patch, _ = sd[f"{t}patch_embed.proj.weight"].shape
             grid = math.isqrt(sd[f"{t}pos_embed"].shape[1])
-            heads = {1152: 16, 1024: 16, 1536: 16}.get(width, width // 64)
             vision = VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
-                                  layers=_count(sd, rf"{re.escape(t)}blocks\.(\d+)\."), heads=heads,
+                                  layers=_count(sd, rf"{re.escape(t)}blocks\.(\d+)\."), heads=_openai_heads(width),
                                   mlp_dim=sd[f"{t}blocks.0.mlp.fc1.weight"].shape[0], act=act, pool="map",
                                   ln_pre=False, patch_bias=True, ln_eps=1e-6)
             text = _infer_text(sd, act, "text.", causal=False, pool="last", eps=1e-6)
-            text = dataclasses.replace(text, heads=heads if text.width == width else text.heads)
-            return CLIPConfig(embed_dim=width, vision=vision, text=text, vision_proj=False,
+            proj = _has_text_proj(sd)
+            embed = sd["text.text_projection.weight"].shape[0] if proj else text.width
+            return CLIPConfig(embed_dim=embed, vision=vision, text=text, vision_proj=False, text_proj=proj,
                               init_log_logit_scale=math.log(10.0), init_logit_bias=-10.0,
                               preprocess=PreprocessConfig(mean=HALF, std=HALF, resize_mode="squash"))
     except KeyError as e:
         raise ConversionError(f"cannot infer the architecture: key {e} is missing") from None
     raise ConversionError(f"cannot infer an architecture for family {family!r}: give --arch or --config")
+
+
+def _has_text_proj(sd: dict) -> bool:
+    p = _text_prefix(sd)
+    return f"{p}text_projection" in sd or f"{p}text_projection.weight" in sd
+
+
+def shape_signature(config: CLIPConfig) -> tuple:
+    """The config fields that tensor shapes determine: not head counts, activations, pooling, eps, nor
+    the image size beyond its patch grid (a 384 px input to 14 px patches makes the same 27 x 27 grid
+    as 378 px: the strided patch convolution drops the rest)."""
+    v, t = config.vision, config.text
+    vision = ((v.arch, v.grid, v.width, v.layers) if v.arch == "resnet" else
+              (v.arch, v.grid, v.patch_size, v.width, v.layers, v.mlp_dim, v.ln_pre, v.patch_bias,
+               v.class_token, v.pool == "map"))
+    text = (t.context_length, t.vocab_size, t.width, t.layers, t.mlp_dim, t.proj_bias)
+    return vision, text, config.embed_dim, config.vision_proj, config.text_proj, config.is_siglip
+
+
+def _differences(configs: list[CLIPConfig]) -> list[str]:
+    def flat(d, prefix=""):
+        for k, x in d.items():
+            if isinstance(x, dict):
+                yield from flat(x, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", x
+
+    dicts = [dict(flat(c.architecture_dict())) for c in configs]
+    return sorted(k for k in dicts[0] if len({repr(d.get(k)) for d in dicts}) > 1)
+
+
+def match_presets(sd: dict, family: str) -> CLIPConfig:
+    """The preset whose shapes the state dict has, when exactly one architecture fits.
+
+    Attention head width, activation (GELU / QuickGELU / tanh GELU), pooling and LayerNorm eps leave
+    no trace in tensor shapes, so a state dict alone cannot tell ViT-B-32 from ViT-B-32-quickgelu,
+    or 64-wide heads from 80-wide ones. This never guesses: several fitting presets that differ, or
+    none, raise `ConversionError` asking for `--arch` or `--config`.
+    """
+    from clipjax.presets import PRESETS
+
+    shapes = infer_config(sd, family)
+    sig = shape_signature(shapes)
+    fits = {name: cfg for name, cfg in PRESETS.items() if shape_signature(cfg) == sig}
+    archs = {repr(cfg.architecture_dict()): cfg for cfg in fits.values()}
+    if len(archs) == 1:
+        return next(iter(archs.values()))
+    v, t = shapes.vision, shapes.text
+    what = (f"image tower {v.arch} width {v.width}, layers {v.layers}"
+            + ("" if v.arch == "resnet" else f", patch {v.patch_size}") + f", image size {v.image_size}; text "
+            f"width {t.width}, layers {t.layers}, vocabulary {t.vocab_size}")
+    if not fits:
+        raise ConversionError(
+            f"no open_clip architecture has these shapes ({what}), and the attention head width and "
+            "activation cannot be read from weights: pass --config with the model's open_clip JSON (or "
+            "--arch with a preset name)")
+    raise ConversionError(
+        f"the weights fit several architectures that differ in {', '.join(_differences(list(archs.values())))}, "
+        f"which tensor shapes do not show: {', '.join(sorted(fits))}. Pass --arch with the right one (or "
+        "--config with the model's open_clip JSON)")
 
 
 def rules_for(config: CLIPConfig, family: str, sd: dict | None = None) -> list[R.Rule]:
@@ -160,4 +231,6 @@ def config_for(sd: dict, family: str, kind: str, config: CLIPConfig | None, hf_c
         if hf_cfg is None:
             raise ConversionError("a transformers state dict needs its config.json (convert the model folder)")
         return from_hf_config(hf_cfg)
-    return infer_config(sd, family, act="quick_gelu" if kind == "torchscript" else "gelu")
+    if kind == "torchscript":  # OpenAI's own files: its code fixes 64-wide heads and QuickGELU
+        return infer_config(sd, family, act="quick_gelu")
+    return match_presets(sd, family)

@@ -143,6 +143,8 @@ def openai_text_rules(cfg: CLIPConfig, p: str = "") -> list[Rule]:
            rule(f"{p}positional_embedding", "text.pos_embed")]
     out += block_rules(f"{p}transformer", "text.transformer", t.width, t.heads, t.layers, "openai")
     out += ln_rules(f"{p}ln_final", "text.ln_final")
+    if not cfg.text_proj:
+        return out
     if t.proj_bias:
         out += [rule(f"{p}text_projection.weight", "text.proj", linear_t, linear_inv),
                 rule(f"{p}text_projection.bias", "text.proj_bias")]

@@ -110,9 +110,11 @@ class VisionTransformer(nnx.Module):
         """Patchify, add class token and position embedding, ln_pre: `[B, H, W, 3]` -> `[B, T, D]`."""
         b, h, w, c = pixels.shape
         p = self.cfg.patch_size
-        if h != w or h % p or c != 3:
-            raise ValueError(f"pixels must be [B, S, S, 3] with S a multiple of patch size {p}, got {pixels.shape}")
+        if h != w or h < p or c != 3:
+            raise ValueError(f"pixels must be [B, S, S, 3] with S >= patch size {p}, got {pixels.shape}")
         g = h // p
+        if g * p != h:  # as the strided patch convolution of open_clip / timm: the last h % p rows drop out
+            pixels = pixels[:, :g * p, :g * p]
         x = pixels.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * c)
         kernel = self.patch_kernel[...].reshape(p * p * c, -1).astype(x.dtype)
         x = x @ kernel
@@ -131,14 +133,21 @@ class VisionTransformer(nnx.Module):
         return constrain(x, ("batch", "act_seq", "act_embed"))
 
     def pool(self, x: jax.Array) -> jax.Array:
-        """ln_post, pool and project the final tokens `[B, T, D]` -> `[B, E]`."""
-        x = self.ln_post(x)
-        if self.cfg.pool == "tok":
+        """ln_post, pool and project the final tokens `[B, T, D]` -> `[B, E]`.
+
+        `final_ln_after_pool` (open_clip's option, CLIPA) applies ln_post to the pooled vector instead.
+        """
+        cfg = self.cfg
+        if not cfg.final_ln_after_pool:
+            x = self.ln_post(x)
+        if cfg.pool == "tok":
             x = x[:, 0]
-        elif self.cfg.pool == "map":
+        elif cfg.pool == "map":
             x = self.map_head(x)
-        else:  # gap
-            x = x[:, int(self.cfg.class_token):].mean(axis=1)
+        else:  # avg: patch tokens after the class token; gap: all tokens (no class token)
+            x = x[:, int(cfg.class_token):].mean(axis=1)
+        if cfg.final_ln_after_pool:
+            x = self.ln_post(x)
         return self._project(x)
 
     def _project(self, x):
