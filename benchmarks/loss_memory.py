@@ -50,7 +50,7 @@ def _features(b, d, seed):
 
 
 def _variants(block, on_accelerator):
-    from kernels import contrastive as K
+    from clipjax.kernels import contrastive as K
 
     interpret = not on_accelerator
     lse = lambda q, k, s, blk: K.row_col_logsumexp(q, k, s, blk, interpret=interpret)  # noqa: E731

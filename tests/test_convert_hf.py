@@ -121,3 +121,46 @@ def test_other_image_size_interpolates_position_embedding(case):
         ref = _features(case["model"].get_image_features(pixel_values=tp, interpolate_pos_encoding=True))
     ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
     assert_close_scaled(case["jm"].encode_image(pixels), ref, what="interpolated image")
+
+
+@pytest.mark.parametrize("case", ["clip-tiny", "siglip-tiny"], indirect=True)
+def test_hidden_states_match_transformers(case):
+    """Every block's output equals transformers' `output_hidden_states` (which also holds the blocks' input)."""
+    from clipjax.models import clip as F
+
+    jm, model = case["jm"], case["model"]
+    with torch.no_grad():
+        hv = model.vision_model(pixel_values=case["tp"], output_hidden_states=True).hidden_states[1:]
+        ht = model.text_model(input_ids=case["ti"], output_hidden_states=True).hidden_states[1:]
+    got_v = F.hidden_states(jm.params, case["pixels"], config=jm.config)
+    got_t = F.hidden_states(jm.params, case["ids"], config=jm.config, tower="text")
+    assert got_v.shape[0] == len(hv) and got_t.shape[0] == len(ht)
+    for i in range(len(hv)):
+        assert_close_scaled(got_v[i], hv[i].numpy(), what=f"image block {i}")
+    for i in range(len(ht)):
+        assert_close_scaled(got_t[i], ht[i].numpy(), what=f"text block {i}")
+
+
+def test_hf_config_keys_are_honoured_or_refused():
+    """Every key of transformers' own full `to_dict()` is read or known harmless; others are refused by name."""
+    from clipjax.config import ConfigError
+    from clipjax.convert.hf_config import from_hf_config
+
+    clip = transformers.CLIPConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=24).to_dict()
+    siglip = transformers.SiglipConfig(text_config=dict(TINY_TEXT, vocab_size=1000, hidden_size=48),
+                                       vision_config=TINY_VISION).to_dict()
+    assert from_hf_config(clip).vision.width == 48 and from_hf_config(siglip).is_siglip
+    # old configs' `text_config_dict` overrides `text_config`, as transformers reads it
+    old = dict(clip, text_config_dict=dict(clip["text_config"], num_hidden_layers=3))
+    assert from_hf_config(old).text.layers == 3
+    bad = [
+        (dict(clip, vision_config=dict(clip["vision_config"], rope_theta=10000.0)), r"vision_config keys \['rope_theta'\]"),
+        (dict(clip, text_config=dict(clip["text_config"], pruned_heads={"0": [1]})), "text_config.pruned_heads"),
+        (dict(clip, vision_config=dict(clip["vision_config"], num_channels=1)), "vision_config.num_channels=1"),
+        (dict(siglip, vision_config=dict(siglip["vision_config"], vision_use_head=False)), "vision_use_head=False"),
+        (dict(siglip, model_type="siglip2"), "siglip2"),
+        (dict(clip, text_config=dict(clip["text_config"], hidden_act="silu")), "text_config.hidden_act='silu'"),
+    ]
+    for cfg, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            from_hf_config(cfg)

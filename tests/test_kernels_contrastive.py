@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from clipjax.losses import chunked_clip_loss, chunked_siglip_loss, clip_loss, sharded_clip_loss, \
     sharded_siglip_loss, siglip_loss
-from kernels import contrastive as K
+from clipjax.kernels import contrastive as K
 
 LAYOUTS = ["triton", "tpu"]
 

@@ -51,6 +51,9 @@ def test_chunked_clip_equals_naive(b, block, scale, bias, eps):
     v0, g0 = _naive_clip(x, y, scale, bias, label_smoothing=eps)
     v1, g1 = _chunk_clip(x, y, scale, bias, label_smoothing=eps, block_size=block)
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    rx, ry = jax.grad(lambda a, c: clip_loss(a, c, 50.0), (0, 1))(x.astype(jnp.float32), y.astype(jnp.float32))
+    for g, r in ((gx, rx), (gy, ry)):  # bf16-rounded float32 gradients: <= 2^-8 of the largest entry
+        assert float(jnp.abs(g.astype(jnp.float32) - r).max()) <= 2.0**-8 * float(jnp.abs(r).max())
     assert_tree_close(g1, g0)
 
 

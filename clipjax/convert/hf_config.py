@@ -1,4 +1,13 @@
-"""transformers `CLIPConfig` / `SiglipConfig` -> `CLIPConfig`."""
+"""transformers `CLIPConfig` / `SiglipConfig` -> `CLIPConfig`: every key honoured exactly or refused by name.
+
+Keys that change what the PyTorch model computes are read (`hidden_size`, `hidden_act`,
+`layer_norm_eps`, `eos_token_id` for CLIP's pooling, ...) or, when clipjax cannot reproduce them
+(`vision_use_head: false`, `pruned_heads`, `num_channels != 3`), refused with the key as written in
+`config.json`. Keys that do not change the embeddings (dropouts, initialiser scales, generation
+settings, label maps, bookkeeping) are accepted. Any other key is refused: a transformers version
+that adds a modelling option is not converted silently wrong. `Siglip2Model` folders (NaFlex:
+per-image aspect ratio and position-embedding resizing) are refused.
+"""
 
 from __future__ import annotations
 
@@ -9,57 +18,115 @@ from typing import Any
 
 from clipjax.config import HALF, CLIPConfig, ConfigError, PreprocessConfig, TextConfig, VisionConfig
 
-def _hf_act(name: str) -> str:
+# keys that do not change inference outputs (PretrainedConfig bookkeeping and generation defaults,
+# dropouts, initialisers), across transformers 4.x and 5.x
+HARMLESS = {
+    "_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "architectures",
+    "transformers_version", "model_type", "dtype", "torch_dtype", "use_bfloat16", "torchscript", "return_dict",
+    "output_attentions", "output_hidden_states", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "tie_word_embeddings",
+    "id2label", "label2id", "problem_type", "finetuning_task", "prefix", "task_specific_params",
+    "tokenizer_class", "bos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "attention_dropout", "dropout", "initializer_range", "initializer_factor", "tf_legacy_loss",
+    "bad_words_ids", "begin_suppress_tokens", "diversity_penalty", "do_sample", "early_stopping",
+    "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "forced_bos_token_id",
+    "forced_eos_token_id", "length_penalty", "max_length", "min_length", "no_repeat_ngram_size",
+    "num_beam_groups", "num_beams", "num_return_sequences", "output_scores", "remove_invalid_values",
+    "repetition_penalty", "return_dict_in_generate", "suppress_tokens", "temperature", "top_k", "top_p",
+    "typical_p", "use_cache",
+}
+_VISION = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+           "patch_size", "hidden_act", "layer_norm_eps", "num_channels", "pruned_heads"}
+_TEXT = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id", "pruned_heads"}
+KEYS = {
+    "clip": ({"projection_dim", "logit_scale_init_value", "text_config", "vision_config", "text_config_dict",
+              "vision_config_dict"}, _VISION | {"projection_dim"}, _TEXT | {"projection_dim"}),
+    "siglip": ({"text_config", "vision_config"}, _VISION | {"vision_use_head"}, _TEXT | {"projection_size"}),
+}
+
+
+def _hf_act(name: str, where: str) -> str:
     table = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
              "gelu_new": "gelu_tanh", "relu": "relu"}
     if name not in table:
-        raise ConfigError(f"hidden_act={name!r} is not supported; expected one of {sorted(table)}")
+        raise ConfigError(f"transformers {where}.hidden_act={name!r} is not supported; expected one of {sorted(table)}")
     return table[name]
+
+
+def _check(d: dict, allowed: set, where: str) -> None:
+    extra = sorted(set(d) - allowed - HARMLESS)
+    if extra:
+        raise ConfigError(f"transformers {where} keys {extra} are not supported: clipjax cannot tell whether they "
+                          "change the model, and refuses rather than convert it approximately")
+    if d.get("pruned_heads"):
+        raise ConfigError(f"transformers {where}.pruned_heads={d['pruned_heads']} is not supported")
+    if d.get("num_channels", 3) != 3:
+        raise ConfigError(f"transformers {where}.num_channels={d['num_channels']} is not supported (RGB only)")
+
+
+def _read(cfg: Any) -> dict:
+    if isinstance(cfg, (str, os.PathLike)):
+        path = os.path.join(cfg, "config.json") if os.path.isdir(cfg) else cfg
+        with open(path) as f:
+            return json.load(f)
+    return cfg if isinstance(cfg, dict) else cfg.to_dict()
 
 
 def from_hf_config(cfg: Any) -> CLIPConfig:
     """Build a config from a transformers `CLIPConfig` / `SiglipConfig` (object, dict or config.json path)."""
-    if isinstance(cfg, (str, os.PathLike)):
-        path = os.path.join(cfg, "config.json") if os.path.isdir(cfg) else cfg
-        with open(path) as f:
-            cfg = json.load(f)
-    d = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    d = _read(cfg)
     model_type = d.get("model_type")
-    if model_type not in ("clip", "siglip"):
+    if model_type == "siglip2":
+        raise ConfigError("transformers model_type='siglip2' (Siglip2Model, NaFlex: per-image aspect ratios and "
+                          "position-embedding resizing) is not supported; open_clip's fixed-resolution SigLIP 2 "
+                          "checkpoints (ViT-*-SigLIP2*) are")
+    if model_type not in KEYS:
         raise ConfigError(f"transformers model_type={model_type!r} is not supported; expected 'clip' or 'siglip'")
-    v, t = d.get("vision_config") or {}, d.get("text_config") or {}
+    top, vision_keys, text_keys = KEYS[model_type]
+    _check(d, top, "config")
+    # old CLIP configs carry `*_config_dict`, which transformers lets override `*_config`
+    v = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {})}
+    t = {**(d.get("text_config") or {}), **(d.get("text_config_dict") or {})}
+    _check(v, vision_keys, "vision_config")
+    _check(t, text_keys, "text_config")
     if model_type == "clip":
         embed = d.get("projection_dim", 512)
-        vw = v.get("hidden_size", 768)
-        tw = t.get("hidden_size", 512)
+        # the towers' own `projection_dim` is read only by the single-tower *WithProjection models
         eos = t.get("eos_token_id", 2)
         return CLIPConfig(
             embed_dim=embed,
-            vision=VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32), width=vw,
-                                layers=v.get("num_hidden_layers", 12), heads=v.get("num_attention_heads", 12),
-                                mlp_dim=v.get("intermediate_size", 3072), act=_hf_act(v.get("hidden_act", "quick_gelu")),
+            vision=VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
+                                width=v.get("hidden_size", 768), layers=v.get("num_hidden_layers", 12),
+                                heads=v.get("num_attention_heads", 12), mlp_dim=v.get("intermediate_size", 3072),
+                                act=_hf_act(v.get("hidden_act", "quick_gelu"), "vision_config"),
                                 ln_eps=v.get("layer_norm_eps", 1e-5)),
             text=TextConfig(context_length=t.get("max_position_embeddings", 77), vocab_size=t.get("vocab_size", 49408),
-                            width=tw, heads=t.get("num_attention_heads", 8), layers=t.get("num_hidden_layers", 12),
-                            mlp_dim=t.get("intermediate_size", 2048), act=_hf_act(t.get("hidden_act", "quick_gelu")),
+                            width=t.get("hidden_size", 512), heads=t.get("num_attention_heads", 8),
+                            layers=t.get("num_hidden_layers", 12), mlp_dim=t.get("intermediate_size", 2048),
+                            act=_hf_act(t.get("hidden_act", "quick_gelu"), "text_config"),
+                            # transformers' CLIPTextTransformer: eos_token_id 2 means OpenAI's argmax rule
                             pool="argmax" if eos == 2 else "eos", eos_id=eos, ln_eps=t.get("layer_norm_eps", 1e-5)),
             init_log_logit_scale=d.get("logit_scale_init_value", 2.6592))
+    if not v.get("vision_use_head", True):
+        raise ConfigError("transformers vision_config.vision_use_head=False (no attention-pool head) is not supported")
     vw = v.get("hidden_size", 768)
     tw = t.get("hidden_size", 768)
     embed = t.get("projection_size") or tw
     if embed != vw:
-        raise ConfigError(f"SigLIP text projection_size={embed} must equal vision hidden_size={vw}")
+        raise ConfigError(f"transformers text_config.projection_size={embed} must equal vision_config.hidden_size={vw}")
     return CLIPConfig(
         embed_dim=embed,
         vision=VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16), width=vw,
                             layers=v.get("num_hidden_layers", 12), heads=v.get("num_attention_heads", 12),
                             mlp_dim=v.get("intermediate_size", 3072),
-                            act=_hf_act(v.get("hidden_act", "gelu_pytorch_tanh")), pool="map", ln_pre=False,
-                            patch_bias=True, ln_eps=v.get("layer_norm_eps", 1e-6)),
+                            act=_hf_act(v.get("hidden_act", "gelu_pytorch_tanh"), "vision_config"), pool="map",
+                            ln_pre=False, patch_bias=True, ln_eps=v.get("layer_norm_eps", 1e-6)),
         text=TextConfig(context_length=t.get("max_position_embeddings", 64), vocab_size=t.get("vocab_size", 32000),
                         width=tw, heads=t.get("num_attention_heads", 12), layers=t.get("num_hidden_layers", 12),
-                        mlp_dim=t.get("intermediate_size", 3072), act=_hf_act(t.get("hidden_act", "gelu_pytorch_tanh")),
-                        causal=False, pool="last", eos_id=t.get("eos_token_id", 1), proj_bias=True,
+                        mlp_dim=t.get("intermediate_size", 3072),
+                        act=_hf_act(t.get("hidden_act", "gelu_pytorch_tanh"), "text_config"), causal=False,
+                        pool="last", eos_id=t.get("eos_token_id", 1), proj_bias=True,
                         ln_eps=t.get("layer_norm_eps", 1e-6)),
         vision_proj=False, init_log_logit_scale=math.log(10.0), init_logit_bias=-10.0,
         preprocess=PreprocessConfig(mean=HALF, std=HALF, resize_mode="squash"))

@@ -1,0 +1,27 @@
+"""The wheel holds every clipjax package, the Pallas kernels as `clipjax.kernels`, and the assets."""
+
+import os
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_package_list_covers_the_source_tree():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {"clipjax"} | {f"clipjax.{d}" for d in os.listdir(os.path.join(ROOT, "clipjax"))
+                           if os.path.exists(os.path.join(ROOT, "clipjax", d, "__init__.py"))}
+    assert listed == found | {"clipjax.kernels"}, f"pyproject.toml packages differ: {sorted(listed ^ found)}"
+
+
+def test_wheel_ships_kernels_and_assets(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), ROOT], check=True, capture_output=True, timeout=300)
+    (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
+    names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
+    assert "clipjax/kernels/contrastive.py" in names and "clipjax/kernels/__init__.py" in names
+    assert "clipjax/assets/bpe_simple_vocab_16e6.txt.gz" in names
+    assert not any(n.startswith(("kernels/", "tests/", "experiments/", "benchmarks/")) for n in names)
