@@ -2,7 +2,7 @@
 
 Every score is an ID-ness score (higher = more in-distribution); pass ID and OOD
 scores to `auroc` / `fpr_at_tpr` / `ood_metrics`. Functions take arrays, never
-models; `clipjax.ood.cli` is the command line over a model folder.
+models; `clipjax.cli.ood` is the command line over a model folder.
 """
 
 from clipjax.ood.adaneg import AdaNegOutput, AdaNegState, adaneg_scores, adaneg_update, init_memory

@@ -18,208 +18,16 @@ and sharded over all available devices. Results are printed as JSON and written 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-# ----------------------------------------------------------------------------- encoding
-
-
-class Encoder:
-    """Batched, device-sharded image and text encoding with a loaded clipjax model."""
-
-    def __init__(self, model_dir: str, batch_size: int = 64, progress: bool = True):
-        import jax
-
-        import clipjax
-        from clipjax.sharding import make_mesh
-
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be positive, got {batch_size}")
-        self.mesh = make_mesh(data=-1)
-        self.model = clipjax.load(model_dir, mesh=self.mesh)
-        n_dev = jax.device_count()
-        self.batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
-        self.progress = progress
-
-    def _run(self, encode, batch: np.ndarray) -> np.ndarray:
-        import jax
-
-        from clipjax.sharding import batch_sharding
-
-        n = batch.shape[0]
-        padded = batch
-        if n < self.batch_size:  # repeat the last row: one static batch shape, one compilation
-            padded = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - n, axis=0)])
-        x = jax.device_put(padded, batch_sharding(self.mesh, padded.ndim))
-        return np.asarray(encode(x))[:n]
-
-    def _bar(self, total: int, unit: str):
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit=unit, disable=not self.progress, file=sys.stderr)
-
-    def images(self, count: int, get_batch) -> np.ndarray:
-        """Embeddings `[count, E]` of images; `get_batch(start, stop)` returns a list of images."""
-        out = []
-        with self._bar(count, "img") as bar:
-            for start in range(0, count, self.batch_size):
-                stop = min(start + self.batch_size, count)
-                pixels = self.model.preprocess(get_batch(start, stop))
-                out.append(self._run(self.model.encode_image, pixels))
-                bar.update(stop - start)
-        return np.concatenate(out).astype(np.float32)
-
-    def texts(self, texts: list[str]) -> np.ndarray:
-        """Embeddings `[len(texts), E]` of strings."""
-        out = []
-        with self._bar(len(texts), "txt") as bar:
-            for start in range(0, len(texts), self.batch_size):
-                chunk = texts[start:start + self.batch_size]
-                ids = np.asarray(self.model.tokenize(chunk), np.int32)
-                out.append(self._run(self.model.encode_text, ids))
-                bar.update(len(chunk))
-        return np.concatenate(out).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _tfds_source(name: str, split: str, data_dir: str | None):
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise ValueError("`clipjax eval` needs tensorflow-datasets: pip install tensorflow-datasets") from None
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
-    builder = tfds.builder(name, data_dir=data_dir)
-    source = builder.as_data_source(split=split)
-    if len(source) == 0:
-        raise ValueError(f"split {split!r} of {name!r} is empty")
-    return builder, source
-
-
-def _examples(source, start: int, stop: int) -> list:
-    return [source[i] for i in range(start, stop)]
-
-
-def _field(example: dict, key: str):
-    value = example
-    for part in key.split("/"):
-        if not isinstance(value, dict) or part not in value:
-            raise ValueError(f"examples have no feature {key!r}; available: {sorted(example)}")
-        value = value[part]
-    return value
-
-
-def _text(v) -> str:
-    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-
-
-def _captions_of(example: dict, key: str) -> list[str]:
-    value = _field(example, key)
-    if isinstance(value, dict):
-        if "text" not in value:
-            raise ValueError(f"feature {key!r} is a dict without a 'text' entry: {sorted(value)}")
-        value = value["text"]
-    if isinstance(value, (str, bytes)):
-        return [_text(value)]
-    return [_text(v) for v in np.asarray(value, dtype=object).reshape(-1)]
-
-
-def _image_files(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        raise ValueError(f"image folder {folder!r} does not exist")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder!r}")
-    return files
-
-
-def _open_images(folder: str, files: list[str]):
-    from PIL import Image
-
-    def get(start, stop):
-        out = []
-        for f in files[start:stop]:
-            with Image.open(os.path.join(folder, f)) as im:
-                out.append(im.convert("RGB"))
-        return out
-
-    return get
-
-
-def read_captions(path: str) -> list[dict]:
-    """Captions file -> list of `{"caption", optional "image", optional "references"}`.
-
-    Plain text: one caption per line. JSON lines: objects with `caption` (or `text`),
-    optionally `image` (a file name in the image folder) and `references` (a list).
-    """
-    if not os.path.isfile(path):
-        raise ValueError(f"captions file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise ValueError(f"captions file {path!r} is empty")
-    jsonl = path.endswith(".jsonl") or lines[0].lstrip().startswith("{")
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            raise ValueError(f"{path}:{i}: empty line (one caption per line expected)")
-        if not jsonl:
-            out.append({"caption": line.strip()})
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("caption", rec.get("text")), str):
-            raise ValueError(f"{path}:{i}: expected an object with a string 'caption'")
-        item = {"caption": rec.get("caption", rec.get("text"))}
-        if "image" in rec:
-            item["image"] = str(rec["image"])
-        if "references" in rec:
-            refs = rec["references"]
-            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-                raise ValueError(f"{path}:{i}: 'references' must be a non-empty list of strings")
-            item["references"] = refs
-        out.append(item)
-    return out
-
-
-def _pair_captions(files: list[str], captions: list[dict], folder: str) -> list[dict]:
-    """Attach each caption to its image file (by `image` name, else by sorted order)."""
-    named = [c for c in captions if "image" in c]
-    if named and len(named) != len(captions):
-        raise ValueError("either every captions line names its image or none does")
-    if named:
-        missing = [c["image"] for c in captions if c["image"] not in set(files)]
-        if missing:
-            raise ValueError(f"captions name images not found in {folder!r}: {missing[:5]}")
-        return captions
-    if len(captions) != len(files):
-        raise ValueError(f"{len(captions)} captions for {len(files)} images in {folder!r}; "
-                         "give one caption per image (sorted by file name) or name the image in JSON lines")
-    return [dict(c, image=f) for c, f in zip(captions, files)]
+from clipjax.cli.inputs import (Encoder, captions_of, emit, examples, field, image_files, open_images,
+                                pair_captions, read_captions, tfds_source)
 
 
 # ----------------------------------------------------------------------------- commands
-
-
-def _emit(result: dict, out: str | None) -> int:
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            f.write(text + "\n")
-    return 0
 
 
 def _zeroshot_names(builder, dataset: str, label_key: str, templates_name: str | None):
@@ -254,7 +62,7 @@ def eval_zeroshot(args) -> int:
     from clipjax import metrics
 
     _check_limit(args)
-    builder, source = _tfds_source(args.dataset, args.split, args.data_dir)
+    builder, source = tfds_source(args.dataset, args.split, args.data_dir)
     names, temps = _zeroshot_names(builder, args.dataset, args.label_key, args.templates)
     enc = Encoder(args.model, args.batch_size, not args.no_progress)
     weights = metrics.zeroshot_classifier(enc.texts, names, temps, batch_size=len(names) * len(temps))
@@ -262,13 +70,13 @@ def eval_zeroshot(args) -> int:
     labels = []
 
     def get(start, stop):
-        exs = _examples(source, start, stop)
-        labels.extend(int(_field(e, args.label_key)) for e in exs)
-        return [np.asarray(_field(e, args.image_key)) for e in exs]
+        exs = examples(source, start, stop)
+        labels.extend(int(field(e, args.label_key)) for e in exs)
+        return [np.asarray(field(e, args.image_key)) for e in exs]
 
     emb = enc.images(n, get)
     result = metrics.zeroshot_metrics(emb, np.asarray(labels, np.int32), weights)
-    return _emit({"task": "zeroshot_classification", "model": os.path.abspath(args.model), "dataset": args.dataset,
+    return emit({"task": "zeroshot_classification", "model": os.path.abspath(args.model), "dataset": args.dataset,
                   "split": args.split, "num_examples": n, "num_classes": len(names), "num_templates": len(temps),
                   "metrics": {k: float(v) for k, v in result.items()}}, args.out)
 
@@ -277,23 +85,23 @@ def eval_retrieval(args) -> int:
     from clipjax import metrics
 
     _check_limit(args)
-    _, source = _tfds_source(args.dataset, args.split, args.data_dir)
+    _, source = tfds_source(args.dataset, args.split, args.data_dir)
     enc = Encoder(args.model, args.batch_size, not args.no_progress)
     n = min(len(source), args.limit) if args.limit else len(source)
     captions, t2i = [], []
 
     def get(start, stop):
-        exs = _examples(source, start, stop)
+        exs = examples(source, start, stop)
         for i, e in enumerate(exs, start):
-            caps = _captions_of(e, args.caption_key)
+            caps = captions_of(e, args.caption_key)
             captions.extend(caps)
             t2i.extend([i] * len(caps))
-        return [np.asarray(_field(e, args.image_key)) for e in exs]
+        return [np.asarray(field(e, args.image_key)) for e in exs]
 
     img = enc.images(n, get)
     txt = enc.texts(captions)
     result = metrics.recall_at_k(txt, img, np.asarray(t2i, np.int32), tuple(args.recall_k))
-    return _emit({"task": "zeroshot_retrieval", "model": os.path.abspath(args.model), "dataset": args.dataset,
+    return emit({"task": "zeroshot_retrieval", "model": os.path.abspath(args.model), "dataset": args.dataset,
                   "split": args.split, "num_images": n, "num_captions": len(captions),
                   "metrics": {k: float(v) for k, v in result.items()}}, args.out)
 
@@ -301,11 +109,11 @@ def eval_retrieval(args) -> int:
 def score_clipscore(args) -> int:
     from clipjax import metrics
 
-    files = _image_files(args.images)
-    pairs = _pair_captions(files, read_captions(args.captions), args.images)
+    files = image_files(args.images)
+    pairs = pair_captions(files, read_captions(args.captions), args.images)
     enc = Encoder(args.model, args.batch_size, not args.no_progress)
     order = [p["image"] for p in pairs]
-    img = enc.images(len(order), _open_images(args.images, order))
+    img = enc.images(len(order), open_images(args.images, order))
     caps = [p["caption"] for p in pairs]
     cand = enc.texts(metrics.clipscore_prompts(caps))
     per = np.asarray(metrics.clip_score(img, cand))
@@ -334,18 +142,18 @@ def score_clipscore(args) -> int:
         if per_ref is not None:
             row["ref_clip_score"] = float(per_ref[i])
         result["per_image"].append(row)
-    return _emit(result, args.out)
+    return emit(result, args.out)
 
 
 def score_cmmd(args) -> int:
     from clipjax import metrics
 
-    a, b = _image_files(args.images), _image_files(args.reference_images)
+    a, b = image_files(args.images), image_files(args.reference_images)
     enc = Encoder(args.model, args.batch_size, not args.no_progress)
-    x = enc.images(len(a), _open_images(args.images, a))
-    y = enc.images(len(b), _open_images(args.reference_images, b))
+    x = enc.images(len(a), open_images(args.images, a))
+    y = enc.images(len(b), open_images(args.reference_images, b))
     value = float(metrics.cmmd(x, y))
-    return _emit({"model": os.path.abspath(args.model), "num_images": len(a), "num_reference_images": len(b),
+    return emit({"model": os.path.abspath(args.model), "num_images": len(a), "num_reference_images": len(b),
                   "cmmd": value}, args.out)
 
 
@@ -366,14 +174,14 @@ def score_vendi(args) -> int:
     result = {"model": os.path.abspath(args.model)}
     sets = {}
     if args.images:
-        files = _image_files(args.images)
-        sets["images"] = enc.images(len(files), _open_images(args.images, files))
+        files = image_files(args.images)
+        sets["images"] = enc.images(len(files), open_images(args.images, files))
     if args.captions:
         sets["captions"] = enc.texts([c["caption"] for c in read_captions(args.captions)])
     for name, emb in sets.items():
         result[name] = {"n": int(emb.shape[0]),
                         "vendi": {f"q={q}": float(metrics.vendi_score(emb, q)) for q in args.q}}
-    return _emit(result, args.out)
+    return emit(result, args.out)
 
 
 def register(subparsers) -> None:

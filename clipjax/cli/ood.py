@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from clipjax.cli.inputs import Encoder, emit, examples, field, image_files, open_images, tfds_source
+
 SCORES = ("mcm", "glmcm", "energy", "msp", "maxlogit", "neglabel", "adaneg", "adaneg-sample")
 NEGLABEL_SCORES = ("neglabel", "adaneg", "adaneg-sample")
 DEFAULT_GROUPS = {"neglabel": 100, "adaneg": 5, "adaneg-sample": 5}
@@ -59,8 +61,6 @@ class _OODEncoder:
     """Image (global and dense) and text embeddings, batched and sharded like `clipjax eval`."""
 
     def __init__(self, model_dir: str, batch_size: int, progress: bool):
-        from clipjax.metrics.cli import Encoder
-
         self.base = Encoder(model_dir, batch_size, progress)
         self.model = self.base.model
 
@@ -83,45 +83,17 @@ class _OODEncoder:
 
 
 def _folder_source(folder: str, limit: int | None):
-    from PIL import Image
-
-    from clipjax.metrics.cli import IMAGE_EXTENSIONS
-
-    if not os.path.isdir(folder):
-        raise ValueError(f"image folder {folder!r} does not exist")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder!r}")
+    files = image_files(folder)
     files = files[:limit] if limit else files
-
-    def get(start, stop):
-        out = []
-        for name in files[start:stop]:
-            with Image.open(os.path.join(folder, name)) as im:
-                out.append(im.convert("RGB"))
-        return out
-
-    return len(files), get, {"folder": os.path.abspath(folder)}
+    return len(files), open_images(folder, files), {"folder": os.path.abspath(folder)}
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None, image_key: str, limit: int | None):
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise ValueError("tfds splits need tensorflow-datasets: pip install tensorflow-datasets") from None
-    source = tfds.builder(name, data_dir=data_dir or os.environ.get("TFDS_DATA_DIR")).as_data_source(split=split)
+    _, source = tfds_source(name, split, data_dir)
     n = min(len(source), limit) if limit else len(source)
-    if n == 0:
-        raise ValueError(f"split {split!r} of {name!r} is empty")
 
     def get(start, stop):
-        out = []
-        for i in range(start, stop):
-            example = source[i]
-            if image_key not in example:
-                raise ValueError(f"{name} examples have no feature {image_key!r}; available: {sorted(example)}")
-            out.append(np.asarray(example[image_key]))
-        return out
+        return [np.asarray(field(e, image_key)) for e in examples(source, start, stop)]
 
     return n, get, {"dataset": name, "split": split}
 
@@ -188,7 +160,6 @@ def _scores(name: str, args, ctx: dict) -> tuple[np.ndarray, dict]:
 
 def run_ood(args) -> int:
     from clipjax import ood
-    from clipjax.metrics.cli import _emit
 
     scores = parse_scores(args.score)
     names = read_class_names(args.id_classes)
@@ -220,7 +191,7 @@ def run_ood(args) -> int:
                  "fpr": {c: float(ood.fpr_at_tpr(s_in, s_out, args.tpr, c)) for c in ood.CONVENTIONS},
                  "params": params}
         result["scores"][name] = entry
-    return _emit(result, args.out)
+    return emit(result, args.out)
 
 
 def register(subparsers) -> None:

@@ -1,4 +1,5 @@
-"""`clipjax` command line: convert, export, info (and eval / score / ood from their packages).
+"""`clipjax` command line (this package): convert, export, info here; eval / score in `evaluate`, ood in
+`ood`; `inputs` holds the encoder and the image / caption / tfds readers they share.
 
     clipjax convert SRC OUT [--arch NAME | --config FILE] [--tokenizer DIR] [--overwrite]
     clipjax export MODEL_DIR OUT [--format hf|open_clip] [--name NAME] [--overwrite]
@@ -15,8 +16,8 @@ import sys
 from clipjax.convert.errors import ConversionError
 from clipjax.config import ConfigError
 
-# sub-command packages that add themselves with `register(subparsers)`
-PLUGINS = ("clipjax.metrics.cli", "clipjax.ood.cli")
+# sub-command modules that add themselves with `register(subparsers)`
+COMMANDS = ("clipjax.cli.evaluate", "clipjax.cli.ood")
 
 
 def _convert(args) -> int:
@@ -82,14 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a checkpoint's config")
     p.add_argument("model")
     p.set_defaults(func=_info)
-    for name in PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
     return parser
 
 
