@@ -189,3 +189,33 @@ def test_unreadable_train_item_falls_back_to_the_previous_checkpoint(tmp_path, w
     restored = {jax.tree_util.keystr(k): np.asarray(v)
                 for k, v in jax.tree_util.tree_flatten_with_path(state.model_state.to_pure_dict())[0]}
     assert restored.keys() == want.keys() and all(np.array_equal(restored[k], want[k]) for k in want)
+
+
+def test_export_of_a_training_workdir(workdir, tmp_path):
+    """`clipjax export WORKDIR ...` takes the newest step of a training run; transformers and open_clip load
+    the exports and compute the trained model's embeddings (fp32, <= 1e-5 of the embedding scale)."""
+    import open_clip
+    import torch
+    import transformers
+    from helpers import assert_close_scaled
+
+    import clipjax
+    from clipjax.cli import main as cli
+
+    model = clipjax.load(workdir)
+    pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    want = np.asarray(model.encode_image(pixels, normalize=False))
+    tp = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    assert cli(["export", workdir, str(tmp_path / "hf")]) == 0
+    with torch.no_grad():
+        hf = transformers.CLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
+        got = hf.get_image_features(pixel_values=tp)
+    assert_close_scaled(getattr(got, "pooler_output", got).numpy(), want, what="transformers export")
+    out = tmp_path / "oc" / "model.safetensors"
+    assert cli(["export", workdir, str(out), "--format", "open_clip"]) == 0
+    paths = {p: os.path.join(out.parent, p) for p in os.listdir(out.parent)}
+    (name,) = [p[:-5] for p in paths if p.endswith(".json") and p != "open_clip_config.json"]
+    open_clip.add_model_config(paths[f"{name}.json"])
+    oc = open_clip.create_model(name, pretrained=str(out)).eval()
+    with torch.no_grad():
+        assert_close_scaled(oc.encode_image(tp).numpy(), want, what="open_clip export")
