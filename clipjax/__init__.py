@@ -16,6 +16,11 @@ def load(path, mesh=None, *, options: dict | None = None, **convert_kw):
     `options` sets run-time options (`clipjax.config.RUNTIME_OPTIONS`), e.g.
     `{"dtype": "bfloat16", "remat": "dots"}`; checkpoints store the architecture only.
     `convert_kw` (`arch=`, `config=`) apply to in-memory conversion only.
+
+    Multi-process (`jax.process_count() > 1`): every process calls `load` with the same `mesh` (over
+    all processes' devices). A checkpoint folder is then restored straight into the mesh's shardings,
+    each process reading only its own shards; the model's `encode_*` / `logits` take each process's
+    own rows and return global arrays sharded over the batch axes (see `clipjax.checkpoint.Model`).
     """
     import os
 
