@@ -18,7 +18,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu")
-VISION_POOLS = ("tok", "avg", "gap", "map", "attnpool")
+VISION_POOLS = ("tok", "avg", "gap", "map", "attnpool", "attn")
 TEXT_POOLS = ("argmax", "last", "first", "eos")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -41,7 +41,16 @@ class VisionConfig:
 
     `pool`: `tok` reads the class token; `avg` is open_clip's `pool_type="avg"` (a class token is in the
     sequence, the mean is over the patch tokens only, CLIPA); `gap` has no class token and averages all
-    tokens (big_vision); `map` is SigLIP's attention-pool head; `attnpool` the ResNet's.
+    tokens (big_vision); `map` is SigLIP's attention-pool head; `attnpool` the ResNet's; `attn` is
+    CoCa's attentional pooler (open_clip `AttentionalPooler`): `attn_pool_queries` learned queries
+    `[Q, embed_dim]` attend with `attn_pool_heads` heads over the final tokens `[B, T, width]`, then
+    `ln_post` (over `embed_dim`) and the projection `[embed_dim, embed_dim]`; the first query is the
+    contrastive embedding (the other queries only feed CoCa's text decoder). A class token is in the
+    sequence (open_clip's ViT always has one).
+
+    `layer_scale_init`: LayerScale in every block (open_clip `ls_init_value`): the attention and MLP
+    branches are multiplied by learned per-channel gammas `ls1`, `ls2`, each `[layers, width]` once
+    stacked, initialised to this value; `None` (the default): no LayerScale.
     """
 
     arch: str = "vit"
@@ -57,6 +66,9 @@ class VisionConfig:
     patch_bias: bool = False
     ln_eps: float = 1e-5
     final_ln_after_pool: bool = False  # open_clip's option: ln_post on the pooled vector, not on the tokens
+    layer_scale_init: float | None = None  # LayerScale gammas [width] per block; None: no LayerScale
+    attn_pool_queries: int = 256  # pool="attn" only: learned queries of CoCa's attentional pooler
+    attn_pool_heads: int = 8  # pool="attn" only: its heads, over embed_dim
 
     def __post_init__(self):
         _check_choice("vision.arch", self.arch, ("vit", "resnet"))
@@ -67,6 +79,8 @@ class VisionConfig:
                 raise ConfigError(f"resnet vision.layers must be a 4-tuple, got {self.layers!r}")
             if self.pool != "attnpool":
                 raise ConfigError("resnet vision tower uses pool='attnpool'")
+            if self.layer_scale_init is not None:
+                raise ConfigError("vision.layer_scale_init applies to ViT blocks, not to a resnet tower")
         else:
             if not isinstance(self.layers, int):
                 raise ConfigError(f"vit vision.layers must be an int, got {self.layers!r}")
@@ -74,10 +88,17 @@ class VisionConfig:
                 raise ConfigError(f"vision.width={self.width} not divisible by heads={self.heads}")
             if self.final_ln_after_pool and self.pool not in ("tok", "avg", "gap"):
                 raise ConfigError(f"final_ln_after_pool applies to pool tok/avg/gap, not {self.pool!r}")
+            if self.pool == "attn" and (self.attn_pool_queries < 1 or self.attn_pool_heads < 1):
+                raise ConfigError(f"pool='attn' needs attn_pool_queries >= 1 and attn_pool_heads >= 1, got "
+                                  f"{self.attn_pool_queries} and {self.attn_pool_heads}")
+
+    @property
+    def layer_scale(self) -> bool:
+        return self.layer_scale_init is not None
 
     @property
     def class_token(self) -> bool:
-        return self.pool in ("tok", "avg")
+        return self.pool in ("tok", "avg", "attn")
 
     @property
     def grid(self) -> int:
@@ -91,7 +112,19 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Text tower: a transformer over token ids `[B, context_length]`, pooled to one vector."""
+    """Text tower: a transformer over token ids `[B, context_length]`, pooled to one vector.
+
+    `embed_cls` (CoCa, open_clip `embed_cls`): a learned class token `cls_emb` `[width]` is appended
+    after the ids, the position embedding has `context_length + 1` rows, and the tower is read at
+    that token (`pool` must be `last`), with `ln_final` after pooling. Its attention adds open_clip's
+    pad mask built from `pad_id` in CoCa's legacy layout (`correct_cls_mask=False`): key column 0 is
+    always visible and key column `j >= 1` is visible iff `ids[:, j - 1] != pad_id` (the mask is
+    shifted by one against the tokens, as CoCa's released weights were trained). `pad_id` is unused
+    without `embed_cls`.
+
+    `layer_scale_init`: LayerScale gammas `ls1`, `ls2` (`[layers, width]` stacked) in every block,
+    initialised to this value (open_clip `ls_init_value`); `None`: none.
+    """
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -105,12 +138,26 @@ class TextConfig:
     eos_id: int = 49407
     proj_bias: bool = False
     ln_eps: float = 1e-5
+    layer_scale_init: float | None = None  # LayerScale gammas [width] per block; None: no LayerScale
+    embed_cls: bool = False  # CoCa: a class token appended after the ids, read with pool="last"
+    pad_id: int = 0  # embed_cls only: the id masked out of attention (CoCa's legacy pad mask)
 
     def __post_init__(self):
         _check_choice("text.act", self.act, ACTIVATIONS)
         _check_choice("text.pool", self.pool, TEXT_POOLS)
         if self.width % self.heads:
             raise ConfigError(f"text.width={self.width} not divisible by heads={self.heads}")
+        if self.embed_cls and self.pool != "last":
+            raise ConfigError(f"text.embed_cls reads the appended class token: pool must be 'last', got {self.pool!r}")
+
+    @property
+    def layer_scale(self) -> bool:
+        return self.layer_scale_init is not None
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the position embedding: `context_length`, plus one for the class token (`embed_cls`)."""
+        return self.context_length + int(self.embed_cls)
 
 
 @dataclass(frozen=True)
@@ -167,6 +214,12 @@ class CLIPConfig:
         if not self.text_proj and self.text.width != self.embed_dim:
             raise ConfigError(
                 f"text_proj=False needs text.width == embed_dim, got {self.text.width} != {self.embed_dim}")
+        if self.vision.pool == "attn":
+            if not self.vision_proj:
+                raise ConfigError("vision.pool='attn' (CoCa's pooler) is followed by a projection: vision_proj=True")
+            if self.embed_dim % self.vision.attn_pool_heads:
+                raise ConfigError(f"vision.attn_pool_heads={self.vision.attn_pool_heads} does not divide "
+                                  f"embed_dim={self.embed_dim} (the pooler's width)")
 
     @property
     def is_siglip(self) -> bool:

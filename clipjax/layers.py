@@ -37,6 +37,10 @@ def ones(key, shape, dtype):
     return jnp.ones(shape, dtype)
 
 
+def constant(value: float) -> Callable:
+    return lambda key, shape, dtype: jnp.full(shape, value, dtype)
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """gelu (exact erf, torch's nn.GELU), quick_gelu (OpenAI), gelu_tanh, relu."""
     return {
@@ -93,17 +97,22 @@ class MLP(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with separate q/k/v kernels `[D, H, Dh]` and output kernel `[H, Dh, D]`."""
+    """Multi-head attention with separate q/k/v kernels `[D, H, Dh]` and output kernel `[H, Dh, D]`.
+
+    `kv_dim` (default `dim`): the width of the key/value inputs, whose kernels are then
+    `[kv_dim, H, Dh]` (torch `nn.MultiheadAttention(kdim=vdim=kv_dim)`, CoCa's pooler).
+    """
 
     def __init__(self, dim: int, heads: int, *, param_dtype, rngs: nnx.Rngs, out_std: float | None = None,
-                 implementation: str = "xla"):
+                 implementation: str = "xla", kv_dim: int | None = None):
         self.implementation = None if implementation == "xla" else implementation
         head_dim = dim // heads
+        kv_dim = dim if kv_dim is None else kv_dim
         std = dim**-0.5
         qkv_names = ("embed", "heads", "kv")
         self.q_kernel = param(rngs, normal(std), (dim, heads, head_dim), qkv_names, param_dtype)
-        self.k_kernel = param(rngs, normal(std), (dim, heads, head_dim), qkv_names, param_dtype)
-        self.v_kernel = param(rngs, normal(std), (dim, heads, head_dim), qkv_names, param_dtype)
+        self.k_kernel = param(rngs, normal(kv_dim**-0.5), (kv_dim, heads, head_dim), qkv_names, param_dtype)
+        self.v_kernel = param(rngs, normal(kv_dim**-0.5), (kv_dim, heads, head_dim), qkv_names, param_dtype)
         self.q_bias = param(rngs, zeros, (heads, head_dim), ("heads", "kv"), param_dtype)
         self.k_bias = param(rngs, zeros, (heads, head_dim), ("heads", "kv"), param_dtype)
         self.v_bias = param(rngs, zeros, (heads, head_dim), ("heads", "kv"), param_dtype)
@@ -114,14 +123,19 @@ class Attention(nnx.Module):
     def _proj(self, x, kernel, bias):
         return jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(x.dtype)) + bias[...].astype(x.dtype)
 
-    def __call__(self, x: jax.Array, kv: jax.Array | None = None, *, causal: bool = False) -> jax.Array:
-        """`x` `[B, T, D]` queries; `kv` `[B, S, D]` keys/values (default: `x`). Returns `[B, T, D]`."""
+    def __call__(self, x: jax.Array, kv: jax.Array | None = None, *, causal: bool = False,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """`x` `[B, T, D]` queries; `kv` `[B, S, kv_dim]` keys/values (default: `x`). Returns `[B, T, D]`.
+
+        `mask`: optional boolean `[B, 1, T or 1, S]`, True where a query may attend to a key; combined
+        with the causal mask when `causal`. Every query must keep at least one key.
+        """
         kv = x if kv is None else kv
         q = self._proj(x, self.q_kernel, self.q_bias)
         k = self._proj(kv, self.k_kernel, self.k_bias)
         v = self._proj(kv, self.v_kernel, self.v_bias)
         q = constrain(q, ("batch", "act_seq", "act_heads", None))
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=self.implementation)
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=self.implementation)
         return self.output(o)
 
     def output(self, o: jax.Array) -> jax.Array:
@@ -134,26 +148,38 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-LN residual block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+    """Pre-LN residual block: x + ls1 * attn(ln1(x)); x + ls2 * mlp(ln2(x)).
+
+    The LayerScale gammas `ls1`, `ls2` `[D]` (open_clip `ls_1.gamma`, `ls_2.gamma`) exist only when
+    `layer_scale_init` is given (they start at that value); otherwise the branches are added as they are.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, act: str, eps: float, layers: int, *, param_dtype,
-                 rngs: nnx.Rngs, attention: str = "xla"):
+                 rngs: nnx.Rngs, attention: str = "xla", layer_scale_init: float | None = None):
         proj_std = dim**-0.5 * (2 * layers) ** -0.5
         self.ln1 = LayerNorm(dim, eps=eps, param_dtype=param_dtype, rngs=rngs)
         self.attn = Attention(dim, heads, param_dtype=param_dtype, rngs=rngs, out_std=proj_std,
                               implementation=attention)
         self.ln2 = LayerNorm(dim, eps=eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(dim, mlp_dim, act, param_dtype=param_dtype, rngs=rngs, std=proj_std)
+        ls = None if layer_scale_init is None else constant(layer_scale_init)
+        self.ls1 = param(rngs, ls, (dim,), ("embed",), param_dtype) if ls else None
+        self.ls2 = param(rngs, ls, (dim,), ("embed",), param_dtype) if ls else None
 
-    def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
-        x = x + self.attn(self.ln1(x), causal=causal)
-        x = x + self.mlp(self.ln2(x))
+    @staticmethod
+    def _scale(h: jax.Array, gamma) -> jax.Array:
+        return h if gamma is None else h * gamma[...].astype(h.dtype)
+
+    def __call__(self, x: jax.Array, *, causal: bool, mask: jax.Array | None = None) -> jax.Array:
+        """`x` `[B, T, D]`; `mask` as `Attention`'s (boolean `[B, 1, T or 1, T]`, True = visible)."""
+        x = x + self._scale(self.attn(self.ln1(x), causal=causal, mask=mask), self.ls1)
+        x = x + self._scale(self.mlp(self.ln2(x)), self.ls2)
         return constrain(x, ("batch", "act_seq", "act_embed"))
 
     def maskclip(self, x: jax.Array) -> jax.Array:
-        """MaskCLIP dense path (methods.md §19): v = x + out(v(ln1(x))); v + mlp(ln2(v))."""
-        v = x + self.attn.values_only(self.ln1(x))
-        return v + self.mlp(self.ln2(v))
+        """MaskCLIP dense path (methods.md §19): v = x + ls1 * out(v(ln1(x))); v + ls2 * mlp(ln2(v))."""
+        v = x + self._scale(self.attn.values_only(self.ln1(x)), self.ls1)
+        return v + self._scale(self.mlp(self.ln2(v)), self.ls2)
 
 
 _REMAT = {
@@ -167,20 +193,20 @@ class Transformer(nnx.Module):
     """`layers` Blocks with params stacked on a leading "layers" axis; run by `lax.scan` or unrolled."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, layers: int, act: str, eps: float, *, param_dtype,
-                 rngs: nnx.Rngs, attention: str = "xla"):
+                 rngs: nnx.Rngs, attention: str = "xla", layer_scale_init: float | None = None):
         self.layers = layers
 
         @nnx.split_rngs(splits=layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def create(rngs):
             return Block(dim, heads, mlp_dim, act, eps, layers, param_dtype=param_dtype, rngs=rngs,
-                         attention=attention)
+                         attention=attention, layer_scale_init=layer_scale_init)
 
         self.blocks = create(rngs)
 
     def __call__(self, x: jax.Array, *, causal: bool, scan: bool = True, remat: str = "none",
-                 upto: int | None = None, intermediates: bool = False):
-        """Run blocks `[0, upto)` on `x` `[B, T, D]`.
+                 upto: int | None = None, intermediates: bool = False, mask: jax.Array | None = None):
+        """Run blocks `[0, upto)` on `x` `[B, T, D]`, each with the same attention `mask` (see `Block`).
 
         Returns `x`, or `(x, hidden)` with `hidden` `[L', B, T, D]` the output of each block when
         `intermediates` is set.
@@ -191,7 +217,7 @@ class Transformer(nnx.Module):
             state = jax.tree.map(lambda a: a[:n], state)
 
         def body(h, st):
-            h = nnx.merge(graphdef, st)(h, causal=causal)
+            h = nnx.merge(graphdef, st)(h, causal=causal, mask=mask)
             return h, (h if intermediates else None)
 
         if remat != "none":

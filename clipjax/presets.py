@@ -1,5 +1,8 @@
 """Architecture presets under open_clip's model names, written as tables.
 
+CoCa presets (`coca_*`) are CoCa's contrastive model (image tower with the attentional pooler, text
+tower with the appended class token); the captioning decoder of open_clip's CoCa is not part of them.
+
 Every open_clip config whose towers clipjax runs exactly has a preset here with the same name
 (`tests/test_open_clip_configs.py` checks each against open_clip's own JSON and model). The
 preprocessing is that of the name's published weights (open_clip `pretrained.py`): OpenAI's
@@ -54,6 +57,9 @@ _VIT = {
 # the same towers with OpenAI's QuickGELU (OpenAI, MetaCLIP and DFN weights)
 _QUICKGELU = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-H-14-378", "ViT-bigG-14")
 
+# LayerScale (open_clip `ls_init_value`) in the image tower: name: base row, init value
+_LAYER_SCALE = {"ViT-M-16-alt": ((384, 224, 16, 512, 12, 64, 4.0, 384, 6, 12), 1e-4)}
+
 # CLIPA: no ln_pre, mean of the patch tokens then LayerNorm; bidirectional text read at the last token
 _CLIPA = {"ViT-L-14-CLIPA": "ViT-L-14", "ViT-L-14-CLIPA-336": "ViT-L-14-336", "ViT-H-14-CLIPA": "ViT-H-14",
           "ViT-H-14-CLIPA-336": ("ViT-H-14", 336), "ViT-bigG-14-CLIPA": "ViT-bigG-14",
@@ -87,6 +93,28 @@ def _clipa(base: CLIPConfig, image: int | None) -> CLIPConfig:
     t = dataclasses.replace(base.text, context_length=32, vocab_size=32000, causal=False, pool="last", eos_id=1)
     return base.replace(vision=v, text=t, preprocess=PreprocessConfig(
         mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_mode="squash", interpolation="bilinear"))
+
+
+# ----------------------------------------------------------------------------- CoCa (contrastive towers)
+
+# name: embed, image, patch, width, layers, text width, text heads, text layers, vocab, pooler heads (None: no
+# attentional pooler, class token); 64-wide image heads, MLP ratio 4, text context 76 (+ the class token), pad id 0
+_COCA = {
+    "coca_ViT-B-32": (512, 224, 32, 768, 12, 512, 8, 12, 49408, 8),
+    "coca_ViT-L-14": (768, 224, 14, 1024, 24, 768, 12, 12, 49408, 8),
+    "coca_base":     (512, 288, 18, 768, 12, 768, 12, 12, 64000, None),
+}
+
+
+def _coca(row) -> CLIPConfig:
+    embed, image, patch, width, layers, tw, th, tl, vocab, pool_heads = row
+    vision = VisionConfig(image_size=image, patch_size=patch, width=width, layers=layers, heads=width // 64,
+                          mlp_dim=width * 4)
+    if pool_heads:
+        vision = dataclasses.replace(vision, pool="attn", attn_pool_heads=pool_heads, attn_pool_queries=256)
+    text = TextConfig(context_length=76, vocab_size=vocab, width=tw, heads=th, layers=tl, mlp_dim=tw * 4,
+                      pool="last", eos_id=1, embed_cls=True, pad_id=0)
+    return CLIPConfig(embed_dim=embed, vision=vision, text=text)
 
 
 # ----------------------------------------------------------------------------- ModifiedResNet
@@ -211,6 +239,11 @@ def _build() -> dict[str, CLIPConfig]:
         out[name] = _vit(row)
     for name in _QUICKGELU:
         out[f"{name}-quickgelu"] = _vit(_VIT[name], act="quick_gelu")
+    for name, (row, init) in _LAYER_SCALE.items():
+        cfg = _vit(row)
+        out[name] = cfg.replace(vision=dataclasses.replace(cfg.vision, layer_scale_init=init))
+    for name, row in _COCA.items():
+        out[name] = _coca(row)
     for name, base in _CLIPA.items():
         base, image = (base, None) if isinstance(base, str) else base
         out[name] = _clipa(out[base], image)

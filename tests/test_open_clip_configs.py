@@ -10,13 +10,15 @@ Three independent checks against open_clip itself:
    `--arch` when several architectures share the shapes; it never guesses.
 3. Numbers, fp32, on reduced copies of one config of each feature family (80/88/104-wide heads,
    non-integer MLP ratios, CLIPA's average pool, MetaCLIP 2's eos pool, 32-wide ResNet pool heads,
-   SigLIP 2's tanh GELU, a text tower without projection): open_clip's embeddings on real photos,
-   max abs diff <= 1e-5 x embedding scale, converted through `--config` with open_clip's JSON.
+   SigLIP 2's tanh GELU, a text tower without projection, LayerScale, CoCa's contrastive towers):
+   open_clip's embeddings on real photos, max abs diff <= 1e-5 x embedding scale, converted through
+   `--config` with open_clip's JSON (CoCa with padded real captions: `tests/test_coca_layerscale.py`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -38,7 +40,7 @@ from clipjax.presets import PRESETS
 
 pytestmark = pytest.mark.parity
 
-NAMES = open_clip.list_models()
+NAMES = list(open_clip_configs())  # the configs open_clip ships
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -74,12 +76,27 @@ def _vision_from_torch(visual) -> tuple[VisionConfig, bool]:
                             layers=layers, heads=visual.attnpool.num_heads, mlp_dim=0, pool="attnpool",
                             ln_pre=False), True
     b = visual.transformer.resblocks[0]
-    assert visual.attn_pool is None and not visual.transformer.resblocks[0].ls_1.__class__.__name__ == "LayerScale"
     w, _, p, _ = visual.conv1.weight.shape
+    pool, final_ln_after_pool, pooler = visual.pool_type, visual.final_ln_after_pool, {}
+    if visual.attn_pool is not None:  # CoCa: ln_post on the pooled queries, the first one read ('tok')
+        ap = visual.attn_pool
+        assert visual.attn_pool_contrastive is None and pool == "tok" and ap.attn.kdim == ap.attn.vdim == w
+        assert ap.ln_q.eps == ap.ln_k.eps == 1e-5 and visual.ln_post.normalized_shape == (ap.query.shape[1],)
+        pool, final_ln_after_pool = "attn", False  # open_clip's _pool ignores final_ln_after_pool here
+        pooler = dict(attn_pool_queries=ap.query.shape[0], attn_pool_heads=ap.attn.num_heads)
     return VisionConfig(image_size=visual.image_size[0], patch_size=p, width=w, layers=len(visual.transformer.resblocks),
                         heads=b.attn.num_heads, mlp_dim=b.mlp.c_fc.out_features, act=_act(b.mlp.gelu),
-                        pool=visual.pool_type, ln_pre=not isinstance(visual.ln_pre, torch.nn.Identity),
-                        ln_eps=visual.ln_post.eps, final_ln_after_pool=visual.final_ln_after_pool), True
+                        pool=pool, ln_pre=not isinstance(visual.ln_pre, torch.nn.Identity),
+                        ln_eps=visual.ln_post.eps, final_ln_after_pool=final_ln_after_pool,
+                        layer_scale_init=_layer_scale(visual.transformer), **pooler), True
+
+
+def _layer_scale(transformer) -> float | None:
+    """1.0 where every block has open_clip's LayerScale (its init value is not readable on meta; it is an
+    initialiser and `_same_architecture` compares presence only), None where no block has it."""
+    kinds = {type(m).__name__ for b in transformer.resblocks for m in (b.ls_1, b.ls_2)}
+    assert kinds in ({"LayerScale"}, {"Identity"}), kinds
+    return 1.0 if kinds == {"LayerScale"} else None
 
 
 def config_from_torch(model) -> CLIPConfig:
@@ -92,12 +109,17 @@ def config_from_torch(model) -> CLIPConfig:
     vocab, width = text.token_embedding.weight.shape
     proj = text.text_projection
     embed = (proj.out_features if isinstance(proj, torch.nn.Linear) else proj.shape[1]) if proj is not None else width
-    assert getattr(text, "cls_emb", None) is None
-    tcfg = TextConfig(context_length=text.positional_embedding.shape[0], vocab_size=vocab, width=width,
+    cls = getattr(text, "cls_emb", None) is not None  # CoCa: the appended class token overrides pool_type
+    if cls:
+        assert not text.correct_cls_mask and not text.use_pad_mask, "clipjax runs CoCa's legacy pad mask"
+        pool = "last"
+    tcfg = TextConfig(context_length=text.positional_embedding.shape[0] - int(cls), vocab_size=vocab, width=width,
                       heads=b.attn.num_heads, layers=len(text.transformer.resblocks), mlp_dim=b.mlp.c_fc.out_features,
                       act=_act(b.mlp.gelu), causal=text.attn_mask is not None, pool=pool,
                       eos_id=eos if pool == "eos" else (49407 if pool == "argmax" else 1),
-                      proj_bias=isinstance(proj, torch.nn.Linear) and proj.bias is not None, ln_eps=text.ln_final.eps)
+                      proj_bias=isinstance(proj, torch.nn.Linear) and proj.bias is not None, ln_eps=text.ln_final.eps,
+                      layer_scale_init=_layer_scale(text.transformer), embed_cls=cls,
+                      pad_id=text.pad_id if cls else 0)
     return CLIPConfig(embed_dim=embed, vision=vision, text=tcfg, vision_proj=vision_proj, text_proj=proj is not None,
                       init_logit_bias=-10.0 if model.logit_bias is not None else None)
 
@@ -105,7 +127,14 @@ def config_from_torch(model) -> CLIPConfig:
 def _same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:
     keep = dict(preprocess=a.preprocess, init_log_logit_scale=a.init_log_logit_scale,
                 init_logit_bias=a.init_logit_bias)
-    return a.architecture() == b.architecture().replace(**keep)
+
+    def ls_presence(c: CLIPConfig) -> CLIPConfig:  # LayerScale's init value is an initialiser, like the above
+        def one(tower):
+            return dataclasses.replace(tower, layer_scale_init=1.0 if tower.layer_scale_init is not None else None)
+
+        return c.replace(vision=one(c.vision), text=one(c.text))
+
+    return ls_presence(a.architecture()) == ls_presence(b.architecture().replace(**keep))
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +167,12 @@ def test_every_open_clip_config_is_exact_or_refused_by_name(meta_models):
     must = ["ViT-H-14", "ViT-H-14-quickgelu", "ViT-H-14-378-quickgelu", "ViT-g-14", "ViT-bigG-14",
             "ViT-bigG-14-quickgelu", "ViT-B-16-plus-240", "ViT-B-32-256", "RN50x4", "RN50x16", "RN50x64",
             "ViT-L-14-CLIPA", "ViT-B-16-SigLIP2", "ViT-B-16-SigLIP2-512", "ViT-L-16-SigLIP2-384",
-            "ViT-SO400M-14-SigLIP2", "ViT-SO400M-16-SigLIP2-384", "ViT-gopt-16-SigLIP2-256"]
+            "ViT-SO400M-14-SigLIP2", "ViT-SO400M-16-SigLIP2-384", "ViT-gopt-16-SigLIP2-256",
+            "ViT-M-16-alt", "coca_ViT-B-32", "coca_ViT-L-14", "coca_base"]
     assert not set(must) - set(exact), set(must) - set(exact)
     refused = {n for n in NAMES if n not in exact}
-    for prefix in ("convnext", "EVA", "ViTamin", "MobileCLIP", "PE-Core", "swin", "xlm-roberta", "mt5", "nllb"):
+    for prefix in ("convnext", "EVA", "ViTamin", "MobileCLIP", "PE-Core", "swin", "xlm-roberta", "mt5", "nllb",
+                   "coca_roberta"):
         assert any(n.startswith(prefix) for n in refused), prefix
 
 
@@ -176,13 +207,12 @@ def test_ambiguous_and_unknown_shapes_are_refused(meta_models):
 def test_refusals_name_the_key():
     base = open_clip.get_model_config("ViT-B-32")
     cases = [
-        ("vision_cfg", "ls_init_value", 1e-4, "vision_cfg.ls_init_value"),
-        ("vision_cfg", "attentional_pool", True, "vision_cfg.attentional_pool"),
+        ("vision_cfg", "attentional_pool", "parallel", "vision_cfg.attentional_pool"),
         ("vision_cfg", "pos_embed_type", "sin_cos_2d", "vision_cfg.pos_embed_type"),
         ("vision_cfg", "qk_norm", True, "vision_cfg.qk_norm"),
         ("vision_cfg", "norm_kwargs", {"eps": 1e-6, "elementwise_affine": False}, "vision_cfg.norm_kwargs"),
         ("vision_cfg", "act_kwargs", {"approximate": "erf"}, "vision_cfg.act_kwargs"),
-        ("text_cfg", "embed_cls", True, "text_cfg.embed_cls"),
+        ("text_cfg", "embed_cls", True, "text_cfg.embed_cls"),  # without custom_text open_clip drops it
         ("text_cfg", "proj_type", "mlp", "text_cfg.proj_type"),
         ("text_cfg", "final_ln_after_pool", True, "text_cfg.final_ln_after_pool"),
         ("text_cfg", "hf_model_name", "roberta-base", "text_cfg.hf_model_name"),
@@ -243,6 +273,10 @@ _i18n.update(embed_dim=768, vision_cfg=dict(_i18n["vision_cfg"], timm_model_name
                                             image_size=224))
 _i18n["text_cfg"].update(width=768, heads=12, layers=2, mlp_ratio=4.0, vocab_size=1000)
 REDUCED["SigLIP-i18n-noproj"] = _i18n
+REDUCED["ViT-M-16-alt"] = _shrink("ViT-M-16-alt")  # LayerScale (random gammas: `_randomise`)
+# CoCa's contrastive towers (attentional pooler, appended class token), a small captioning decoder (ignored)
+REDUCED["coca_ViT-B-32"] = dict(_shrink("coca_ViT-B-32"), multimodal_cfg=dict(
+    open_clip.get_model_config("coca_ViT-B-32")["multimodal_cfg"], layers=1, width=128, heads=2))
 
 
 def _randomise(model):
@@ -255,13 +289,16 @@ def _randomise(model):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
                 m.running_var.copy_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
+            if type(m).__name__ == "LayerScale":
+                m.gamma.copy_(0.5 + 0.5 * torch.rand(m.gamma.shape, generator=g))
 
 
 @pytest.mark.parametrize("case", sorted(REDUCED))
 def test_reduced_configs_match_open_clip(case, tmp_path, photos):
     d = REDUCED[case]
     torch.manual_seed(0)
-    kind = open_clip.CustomTextCLIP if d.get("custom_text") else open_clip.CLIP
+    kind = (open_clip.CoCa if "multimodal_cfg" in d else
+            open_clip.CustomTextCLIP if d.get("custom_text") else open_clip.CLIP)
     model = kind(**{k: v for k, v in d.items() if k != "custom_text"}).eval()
     _randomise(model)
     path = tmp_path / "open_clip.json"
@@ -282,7 +319,8 @@ def test_reduced_configs_match_open_clip(case, tmp_path, photos):
         ids[:, 5:] = 0
         ids[:, 4] = cfg.text.eos_id
     with torch.no_grad():
-        want_img = model.encode_image(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()).numpy()
-        want_txt = model.encode_text(torch.from_numpy(ids).long()).numpy()
+        want_img = model.encode_image(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+                                      normalize=False).numpy()  # (CoCa normalises by default)
+        want_txt = model.encode_text(torch.from_numpy(ids).long(), normalize=False).numpy()
     assert_close_scaled(m.encode_image(pixels, normalize=False), want_img, what=f"{case} image")
     assert_close_scaled(m.encode_text(ids, normalize=False), want_txt, what=f"{case} text")

@@ -106,6 +106,18 @@ def _oc_siglip(monkeypatch):
     return model
 
 
+def _oc_coca():
+    """open_clip's CoCa (attentional pooler, appended text cls token, LayerScale in the text tower), small.
+    The text decoder's params have no clipjax counterpart and are left out of every comparison."""
+    _, open_clip = _open_clip()
+    return open_clip.CoCa(
+        embed_dim=32, vision_cfg=dict(layers=3, width=64, patch_size=16, image_size=32, attentional_pool=True,
+                                      attn_pooler_heads=2, output_tokens=True),
+        text_cfg=dict(context_length=8, vocab_size=64, width=64, heads=1, layers=3, embed_cls=True,
+                      output_tokens=True, ls_init_value=0.1),
+        multimodal_cfg=dict(context_length=8, vocab_size=64, width=64, heads=1, layers=1))
+
+
 @functools.lru_cache(maxsize=1)
 def _oc_rn50():
     """The real RN50 (built once: ~3 s); tests reset `requires_grad` before locking it."""
@@ -133,10 +145,15 @@ def _clipjax_side(model):
 
 def _mapped(model, table, pred):
     """clipjax units of the torch params `n, p` with `pred(n, p)`."""
-    return {u for n, p in model.named_parameters() if pred(n, p) for u in table[n]}
+    return {u for n, p in _named(model) if pred(n, p) for u in table[n]}
 
 
-BUILDERS = {"vit": lambda mp: _oc_vit(), "siglip": _oc_siglip, "rn50": lambda mp: _oc_rn50()}
+def _named(model):
+    return [(n, p) for n, p in model.named_parameters() if not n.startswith("text_decoder.")]
+
+
+BUILDERS = {"vit": lambda mp: _oc_vit(), "siglip": _oc_siglip, "rn50": lambda mp: _oc_rn50(),
+            "coca": lambda mp: _oc_coca()}
 
 
 @pytest.mark.parity
@@ -166,7 +183,7 @@ def test_decay_mask_matches_open_clip(arch, monkeypatch):
 
 
 def _oc_trainable(model, table):
-    return {u: float(p.requires_grad) for n, p in model.named_parameters() for u in table[n]}
+    return {u: float(p.requires_grad) for n, p in _named(model) for u in table[n]}
 
 
 def _reset(model):
@@ -189,10 +206,12 @@ def test_trainable_mask_matches_open_clip(arch, monkeypatch):
                       lock_text=True, lock_text_unlocked_layers=2), {}])
     for kw in combos:
         _reset(model)
+        # (CoCa has no model-level lock methods: its towers' own `lock`, which those methods call)
         if kw.get("lock_image"):
-            model.lock_image_tower(unlocked_groups=kw["lock_image_unlocked_groups"])
+            getattr(model, "lock_image_tower", model.visual.lock)(unlocked_groups=kw["lock_image_unlocked_groups"])
         if kw.get("lock_text"):
-            model.lock_text_tower(unlocked_layers=kw["lock_text_unlocked_layers"])
+            text_lock = model.text.lock if arch == "coca" else model.lock_text_tower
+            text_lock(unlocked_layers=kw["lock_text_unlocked_layers"])
         mask = pg.trainable_mask(params, config, **kw)
         got = _unit_values(mask, config)
         want = _oc_trainable(model, table)

@@ -4,6 +4,10 @@ Families (detected from the keys):
   `openai`       OpenAI / open_clip ViT (`visual.conv1.weight`, `transformer.resblocks.*`)
   `openai_rn`    OpenAI / open_clip ModifiedResNet (`visual.layer1.*`)
   `open_clip_siglip`  open_clip SigLIP: timm ViT trunk (`visual.trunk.*`) + `text.*` tower
+  `open_clip_coca`    open_clip CoCa: the `openai` image tower (with `visual.attn_pool.*`), the text
+                 tower under `text.` (with `text.cls_emb`) and the captioning decoder `text_decoder.*`,
+                 which clipjax does not run: its keys are ignored by name (the converted model is
+                 CoCa's contrastive model: `encode_image`, `encode_text`, logits)
   `hf_clip`, `hf_siglip`  transformers `CLIPModel` / `SiglipModel`
 
 Head widths and activation functions cannot be read from weights. TorchScript
@@ -26,6 +30,9 @@ from clipjax.convert import rules as R
 from clipjax.convert.errors import ConversionError
 
 
+COCA_DECODER = "text_decoder."  # CoCa's captioning decoder: not converted
+
+
 def detect_family(sd: dict) -> str:
     keys = set(sd)
     if any(k.startswith("vision_model.") for k in keys):
@@ -35,7 +42,7 @@ def detect_family(sd: dict) -> str:
     if any(k.startswith("visual.layer1.") for k in keys):
         return "openai_rn"
     if "visual.conv1.weight" in keys:
-        return "openai"
+        return "open_clip_coca" if any(k.startswith(COCA_DECODER) for k in keys) else "openai"
     sample = sorted(keys)[:5]
     raise ConversionError(f"unrecognised checkpoint layout (first keys: {sample}); expected an OpenAI/open_clip "
                           "CLIP, open_clip SigLIP, or transformers CLIPModel/SiglipModel state dict")
@@ -57,14 +64,25 @@ def _openai_heads(width: int) -> int:
     return heads if width % heads == 0 else 1
 
 
+# LayerScale's initial value leaves no trace in trained weights; inferred configs use open_clip's default
+_LS_INIT = 1e-5
+
+
+def _layer_scale(sd: dict, p: str) -> float | None:
+    return _LS_INIT if f"{p}transformer.resblocks.0.ls_1.gamma" in sd else None
+
+
 def _infer_text(sd: dict, act: str, p: str, causal=True, pool="argmax", eps=1e-5) -> TextConfig:
     vocab, width = sd[f"{p}token_embedding.weight"].shape
-    ctx = sd[f"{p}positional_embedding"].shape[0]
+    cls = f"{p}cls_emb" in sd  # CoCa: the appended class token has the last position row
+    ctx = sd[f"{p}positional_embedding"].shape[0] - int(cls)
+    pool = "last" if cls else pool
     layers = _count(sd, rf"{re.escape(p)}transformer\.resblocks\.(\d+)\.")
     mlp = sd[f"{p}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     return TextConfig(context_length=ctx, vocab_size=vocab, width=width, heads=_openai_heads(width), layers=layers,
                       mlp_dim=mlp, act=act, causal=causal, pool=pool, eos_id=49407 if pool == "argmax" else 1,
-                      proj_bias=f"{p}text_projection.bias" in sd, ln_eps=eps)
+                      proj_bias=f"{p}text_projection.bias" in sd, ln_eps=eps,
+                      layer_scale_init=_layer_scale(sd, p), embed_cls=cls)
 
 
 def _bias_init(sd: dict) -> float | None:
@@ -77,15 +95,20 @@ def infer_config(sd: dict, family: str, act: str = "gelu") -> CLIPConfig:
     towers and the ResNet's attention pool, `act` everywhere. Exact for OpenAI's TorchScript files
     (QuickGELU); for any other file the head width and activation are unknown: `match_presets`."""
     try:
-        if family == "openai":
+        if family in ("openai", "open_clip_coca"):
             width, _, patch, _ = sd["visual.conv1.weight"].shape
             grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+            embed = sd["visual.proj"].shape[1]
+            # CoCa's pooler: its query count is a shape, its head count is not (any divisor of embed_dim)
+            queries = sd["visual.attn_pool.query"].shape[0] if "visual.attn_pool.query" in sd else 0
             vision = VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
                                   layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=_openai_heads(width),
                                   mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=act,
-                                  ln_pre="visual.ln_pre.weight" in sd)
+                                  ln_pre="visual.ln_pre.weight" in sd, pool="attn" if queries else "tok",
+                                  layer_scale_init=_layer_scale(sd, "visual."), attn_pool_queries=queries or 256,
+                                  attn_pool_heads=8 if embed % 8 == 0 else 1)
             text = _infer_text(sd, act, _text_prefix(sd))
-            return CLIPConfig(embed_dim=sd["visual.proj"].shape[1], vision=vision, text=text,
+            return CLIPConfig(embed_dim=embed, vision=vision, text=text,
                               text_proj=_has_text_proj(sd), init_logit_bias=_bias_init(sd))
         if family == "openai_rn":
             width = sd["visual.layer1.0.conv1.weight"].shape[1]
@@ -127,8 +150,8 @@ def shape_signature(config: CLIPConfig) -> tuple:
     v, t = config.vision, config.text
     vision = ((v.arch, v.grid, v.width, v.layers) if v.arch == "resnet" else
               (v.arch, v.grid, v.patch_size, v.width, v.layers, v.mlp_dim, v.ln_pre, v.patch_bias,
-               v.class_token, v.pool == "map"))
-    text = (t.context_length, t.vocab_size, t.width, t.layers, t.mlp_dim, t.proj_bias)
+               v.class_token, v.pool == "map", v.layer_scale, v.pool == "attn" and v.attn_pool_queries))
+    text = (t.context_length, t.vocab_size, t.width, t.layers, t.mlp_dim, t.proj_bias, t.layer_scale, t.embed_cls)
     return vision, text, config.embed_dim, config.vision_proj, config.text_proj, config.is_siglip
 
 
@@ -179,6 +202,8 @@ def rules_for(config: CLIPConfig, family: str, sd: dict | None = None) -> list[R
     if family == "openai":
         return R.openai_vision_rules(config) + R.openai_text_rules(config, _text_prefix(sd or {})) + R.scalar_rules(
             config, hf=False)
+    if family == "open_clip_coca":  # also open_clip's CustomTextCLIP layout (text tower under `text.`)
+        return R.openai_vision_rules(config) + R.openai_text_rules(config, "text.") + R.scalar_rules(config, hf=False)
     if family == "openai_rn":
         return R.openai_text_rules(config, _text_prefix(sd or {})) + R.scalar_rules(config, hf=False)
     if family == "open_clip_siglip":
@@ -214,7 +239,8 @@ def _nest(flat: dict[str, np.ndarray]) -> dict:
 def state_dict_to_pure(sd: dict, config: CLIPConfig, family: str) -> dict:
     """Convert a state dict to a nested pure dict of clipjax params (numpy arrays)."""
     check_compatible(config, family, sd)
-    ignore = ("visual.",) if family == "openai_rn" else ()
+    # ResNet towers are converted by `resnet_keys`; CoCa's captioning decoder is not converted at all
+    ignore = {"openai_rn": ("visual.",), "open_clip_coca": (COCA_DECODER,)}.get(family, ())
     pure = _nest(R.apply_rules(rules_for(config, family, sd), sd, prefix_ignore=ignore))
     if family == "openai_rn":
         from clipjax.convert.resnet_keys import resnet_from_torch

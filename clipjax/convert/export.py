@@ -8,6 +8,10 @@
 * `export_open_clip(model, out_file)`: an open_clip state dict (`.safetensors`) with, beside it,
   the model config `NAME.json` (for `open_clip.add_model_config`) and `open_clip_config.json`
   (`{"model_cfg", "preprocess_cfg"}`, open_clip's Hub form; `clipjax convert --config` reads it).
+  LayerScale (`ls_init_value`) is written as is. CoCa's contrastive towers (attentional pooler,
+  appended class token) are written as open_clip's `CustomTextCLIP` (`custom_text: true`, no
+  `multimodal_cfg`): the same `encode_image` / `encode_text` as the CoCa they came from, without the
+  captioning decoder, which clipjax does not hold.
 
 Anything the target cannot express exactly raises `ConversionError` naming the config field;
 nothing approximate is written. Writes are atomic (a failed export leaves nothing behind).
@@ -122,6 +126,14 @@ def hf_config_dict(config: CLIPConfig) -> dict:
     text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim,
                 num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
                 hidden_act=_act(t.act, "text.act"), layer_norm_eps=t.ln_eps)
+    _refuse([msg for bad, msg in [
+        (v.layer_scale, f"vision.layer_scale_init={v.layer_scale_init!r} (transformers' CLIP/SigLIP blocks have "
+                        "no LayerScale)"),
+        (t.layer_scale, f"text.layer_scale_init={t.layer_scale_init!r} (transformers' CLIP/SigLIP blocks have no "
+                        "LayerScale)"),
+        (t.embed_cls, "text.embed_cls=True (CoCa's appended class token; transformers has no CoCa)"),
+        (v.pool == "attn", "vision.pool='attn' (CoCa's attentional pooler; transformers has no CoCa)"),
+    ] if bad], "this config has no transformers equivalent")
     if config.is_siglip:
         _refuse([msg for bad, msg in [
             (v.pool != "map", f"vision.pool={v.pool!r} (SiglipModel pools with a MAP head)"),
@@ -289,15 +301,20 @@ def open_clip_config_dict(config: CLIPConfig) -> dict:
         d["custom_text"] = True
     else:
         _refuse([msg for bad, msg in [
-            (v.pool not in ("tok", "avg"), f"vision.pool={v.pool!r} (open_clip ViTs always have a class token: "
-                                           "pool 'tok' or 'avg')"),
+            (v.pool not in ("tok", "avg", "attn"), f"vision.pool={v.pool!r} (open_clip ViTs always have a class "
+                                                   "token: pool 'tok', 'avg' or CoCa's 'attn')"),
             (v.patch_bias, "vision.patch_bias=True (open_clip's conv1 has no bias)"),
             (not config.vision_proj, "vision_proj=False (open_clip ViTs always project)"),
         ] if bad], "this ViT image tower has no open_clip equivalent")
         vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "head_width": v.width // v.heads,
                   "mlp_ratio": _mlp_ratio(v.width, v.mlp_dim), "patch_size": v.patch_size}
-        if v.pool != "tok":
+        if v.pool == "attn":
+            vision.update(attentional_pool=True, attn_pooler_queries=v.attn_pool_queries,
+                          attn_pooler_heads=v.attn_pool_heads)
+        elif v.pool != "tok":
             vision["pool_type"] = v.pool
+        if v.layer_scale:
+            vision["ls_init_value"] = v.layer_scale_init
         if not v.ln_pre:
             vision["no_ln_pre"] = True
         if v.final_ln_after_pool:
@@ -319,6 +336,11 @@ def open_clip_config_dict(config: CLIPConfig) -> dict:
         text["proj_bias"] = True
     if t.ln_eps != 1e-5:
         text["norm_kwargs"] = {"eps": t.ln_eps}
+    if t.layer_scale:
+        text["ls_init_value"] = t.layer_scale_init
+    if t.embed_cls:  # open_clip's CLIP class drops the class token: CustomTextCLIP runs the tower's forward
+        text.update(embed_cls=True, pad_id=t.pad_id)
+        d["custom_text"] = True
     act_kw = _act_kwargs(t.act, quick, "text.act")
     if act_kw:
         text["act_kwargs"] = act_kw
@@ -332,9 +354,15 @@ def open_clip_config_dict(config: CLIPConfig) -> dict:
 
 
 def _unused_fields_like(want: CLIPConfig, got: CLIPConfig) -> CLIPConfig:
-    """`want` with the fields its architecture does not use taken from `got` (`text.eos_id` unless pool='eos')."""
+    """`want` with the fields its architecture does not use taken from `got`: `text.eos_id` unless pool='eos',
+    `text.pad_id` without `embed_cls`, the pooler's query and head counts unless `vision.pool='attn'`."""
     if want.text.pool != "eos":
         want = want.replace(text=dataclasses.replace(want.text, eos_id=got.text.eos_id))
+    if not want.text.embed_cls:
+        want = want.replace(text=dataclasses.replace(want.text, pad_id=got.text.pad_id))
+    if want.vision.pool != "attn" and got.vision.arch == want.vision.arch:
+        want = want.replace(vision=dataclasses.replace(want.vision, attn_pool_queries=got.vision.attn_pool_queries,
+                                                       attn_pool_heads=got.vision.attn_pool_heads))
     return want
 
 
@@ -395,7 +423,9 @@ def open_clip_state_dict(model) -> dict[str, np.ndarray]:
         sd.update({k: (v if v.dtype == np.int64 else np.asarray(v, np.float32))
                    for k, v in resnet_to_torch(pure["visual"], cfg.vision, "visual.").items()})
     else:
-        family = "open_clip_siglip" if cfg.vision.pool == "map" else "openai"
+        # embed_cls: CustomTextCLIP's layout (text tower under `text.`), which is CoCa's without `text_decoder.*`
+        family = "open_clip_siglip" if cfg.vision.pool == "map" else ("open_clip_coca" if cfg.text.embed_cls
+                                                                      else "openai")
         sd = _invert(rules_for(cfg, family), flat)
     for k in ("logit_scale", "logit_bias"):
         if k in sd:
@@ -404,12 +434,15 @@ def open_clip_state_dict(model) -> dict[str, np.ndarray]:
 
 
 def _default_name(config: CLIPConfig, out_file: str) -> str:
-    """The clipjax preset (= open_clip) name whose architecture `config` is, else the file's stem."""
+    """The clipjax preset (= open_clip) name whose architecture `config` is, else the file's stem.
+
+    Never a CoCa name (`text.embed_cls`): open_clip builds those with the captioning decoder, which
+    the export does not write; the written model is a `CustomTextCLIP` under the file's stem."""
     from clipjax.presets import PRESETS
 
     arch = config.architecture()
     for name, preset in PRESETS.items():
-        if preset == arch:
+        if preset == arch and not preset.text.embed_cls:
             return name
     return os.path.splitext(os.path.basename(out_file))[0]
 

@@ -54,9 +54,26 @@ def squeeze0(x):
     return (x.reshape(x.shape[1:]),)
 
 
-def attention_rules(src: str, dst: str, dim: int, heads: int, layers: int, style: str) -> list[Rule]:
-    """q/k/v/out of one attention module: `style` "mha" (packed in_proj), "qkv" (timm) or "hf" (q/k/v_proj)."""
+def attention_rules(src: str, dst: str, dim: int, heads: int, layers: int, style: str,
+                    kv_dim: int | None = None) -> list[Rule]:
+    """q/k/v/out of one attention module: `style` "mha" (packed in_proj), "qkv" (timm) or "hf" (q/k/v_proj).
+
+    `kv_dim` (style "mha" only): the key/value width of `nn.MultiheadAttention(dim, heads, kdim=vdim=kv_dim)`;
+    when it differs from `dim`, torch keeps separate `q_proj_weight` `[dim, dim]`, `k_proj_weight` and
+    `v_proj_weight` `[dim, kv_dim]` and one packed `in_proj_bias` `[3 dim]`.
+    """
     hd = dim // heads
+    if style == "mha" and kv_dim not in (None, dim):
+        bnames = tuple(f"{dst}.{n}" for n in ("q_bias", "k_bias", "v_bias"))
+        out = [rule(f"{src}.q_proj_weight", f"{dst}.q_kernel", lambda w: (w.T.reshape(dim, heads, hd),),
+                    lambda k: k.reshape(dim, dim).T, layers)]
+        out += [rule(f"{src}.{n}_proj_weight", f"{dst}.{n}_kernel", lambda w: (w.T.reshape(kv_dim, heads, hd),),
+                     lambda k: k.reshape(kv_dim, dim).T, layers) for n in "kv"]
+        out.append(rule(f"{src}.in_proj_bias", bnames, lambda b: tuple(p.reshape(heads, hd) for p in np.split(b, 3)),
+                        lambda *bs: np.concatenate([b.reshape(dim) for b in bs]), layers))
+        return out + [rule(f"{src}.out_proj.weight", f"{dst}.out_kernel", lambda w: (w.T.reshape(heads, hd, dim),),
+                           lambda k: k.reshape(dim, dim).T, layers),
+                      rule(f"{src}.out_proj.bias", f"{dst}.out_bias", layers=layers)]
 
     def split3(w):  # [3D, D] or [3D] -> three [D, H, Dh] / [H, Dh]
         if w.ndim == 2:
@@ -97,8 +114,13 @@ def dense_rules(src: str, dst: str, layers=0, bias=True) -> list[Rule]:
     return out + ([rule(f"{src}.bias", f"{dst}.bias", layers=layers)] if bias else [])
 
 
-def block_rules(src: str, dst: str, dim: int, heads: int, layers: int, style: str) -> list[Rule]:
-    """One transformer stack. style: "openai" (resblocks), "timm" (blocks), "hf" (encoder.layers)."""
+def block_rules(src: str, dst: str, dim: int, heads: int, layers: int, style: str,
+                layer_scale: bool = False) -> list[Rule]:
+    """One transformer stack. style: "openai" (resblocks), "timm" (blocks), "hf" (encoder.layers).
+
+    `layer_scale` (style "openai"): open_clip's LayerScale gammas `ls_1.gamma`, `ls_2.gamma` -> `ls1`, `ls2`."""
+    if layer_scale and style != "openai":
+        raise ValueError(f"LayerScale keys are mapped for open_clip's resblocks only, not style {style!r}")
     if style == "openai":
         b = f"{src}.resblocks.{{i}}"
         names = ("ln_1", "attn", "ln_2", "mlp.c_fc", "mlp.c_proj", "mha")
@@ -110,10 +132,12 @@ def block_rules(src: str, dst: str, dim: int, heads: int, layers: int, style: st
         names = ("layer_norm1", "self_attn", "layer_norm2", "mlp.fc1", "mlp.fc2", "hf")
     ln1, attn, ln2, fc1, fc2, astyle = names
     d = f"{dst}.blocks"
+    ls = ([rule(f"{b}.ls_1.gamma", f"{d}.ls1", layers=layers), rule(f"{b}.ls_2.gamma", f"{d}.ls2", layers=layers)]
+          if layer_scale else [])
     return (ln_rules(f"{b}.{ln1}", f"{d}.ln1", layers) + attention_rules(f"{b}.{attn}", f"{d}.attn", dim, heads,
                                                                         layers, astyle)
             + ln_rules(f"{b}.{ln2}", f"{d}.ln2", layers) + dense_rules(f"{b}.{fc1}", f"{d}.mlp.fc1", layers)
-            + dense_rules(f"{b}.{fc2}", f"{d}.mlp.fc2", layers))
+            + dense_rules(f"{b}.{fc2}", f"{d}.mlp.fc2", layers) + ls)
 
 
 def conv_patch(w):  # torch [D, 3, p, p] -> [p, p, 3, D]
@@ -128,20 +152,33 @@ def conv_patch_inv(k):
 
 
 def openai_vision_rules(cfg: CLIPConfig, p: str = "visual") -> list[Rule]:
+    """open_clip's `VisionTransformer` (OpenAI layout), with LayerScale and CoCa's `attn_pool` when configured."""
     v = cfg.vision
+    pool = []
+    if v.pool == "attn":
+        a = f"{p}.attn_pool"
+        pool = ([rule(f"{a}.query", "visual.attn_pool.query")] + ln_rules(f"{a}.ln_q", "visual.attn_pool.ln_q")
+                + ln_rules(f"{a}.ln_k", "visual.attn_pool.ln_k")
+                + attention_rules(f"{a}.attn", "visual.attn_pool.attn", cfg.embed_dim, v.attn_pool_heads, 0, "mha",
+                                  kv_dim=v.width))
     return ([rule(f"{p}.conv1.weight", "visual.patch_kernel", conv_patch, conv_patch_inv),
              rule(f"{p}.class_embedding", "visual.class_embedding"),
              rule(f"{p}.positional_embedding", "visual.pos_embed")]
             + (ln_rules(f"{p}.ln_pre", "visual.ln_pre") if v.ln_pre else [])
-            + block_rules(f"{p}.transformer", "visual.transformer", v.width, v.heads, v.layers, "openai")
-            + ln_rules(f"{p}.ln_post", "visual.ln_post") + [rule(f"{p}.proj", "visual.proj")])
+            + block_rules(f"{p}.transformer", "visual.transformer", v.width, v.heads, v.layers, "openai",
+                          layer_scale=v.layer_scale)
+            + pool + ln_rules(f"{p}.ln_post", "visual.ln_post") + [rule(f"{p}.proj", "visual.proj")])
 
 
 def openai_text_rules(cfg: CLIPConfig, p: str = "") -> list[Rule]:
+    """open_clip's `TextTransformer` (keys under `p`), with LayerScale and CoCa's `cls_emb` when configured."""
     t = cfg.text
     out = [rule(f"{p}token_embedding.weight", "text.token_embed"),
            rule(f"{p}positional_embedding", "text.pos_embed")]
-    out += block_rules(f"{p}transformer", "text.transformer", t.width, t.heads, t.layers, "openai")
+    if t.embed_cls:
+        out.append(rule(f"{p}cls_emb", "text.cls_emb"))
+    out += block_rules(f"{p}transformer", "text.transformer", t.width, t.heads, t.layers, "openai",
+                       layer_scale=t.layer_scale)
     out += ln_rules(f"{p}ln_final", "text.ln_final")
     if not cfg.text_proj:
         return out

@@ -28,6 +28,8 @@ def verdict(name: str, config: dict) -> tuple[str, str]:
     v = cfg.vision
     tower = (f"ModifiedResNet {list(v.layers)}, {v.heads} pool heads" if v.arch == "resnet" else
              f"ViT {v.layers}x{v.width}, {v.heads} heads of {v.width // v.heads}, {v.act}, pool {v.pool}")
+    if cfg.text.embed_cls:
+        tower += "; CoCa's contrastive towers (the captioning decoder is not converted)"
     return "exact", f"preset `{name}`: {tower}"
 
 
@@ -41,10 +43,15 @@ def support_table(configs: dict[str, dict]) -> str:
 
 
 def open_clip_configs() -> dict[str, dict]:
-    """The installed open_clip's model configs, by name (in `open_clip.list_models()` order)."""
+    """The model configs the installed open_clip ships (its `model_configs/*.json`; not those added at run
+    time with `open_clip.add_model_config`), by name, in `open_clip.list_models()` order."""
+    import os
+
     import open_clip
 
-    return {name: open_clip.get_model_config(name) for name in open_clip.list_models()}
+    folder = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
+    shipped = {f[:-5] for f in os.listdir(folder) if f.endswith(".json")}
+    return {name: open_clip.get_model_config(name) for name in open_clip.list_models() if name in shipped}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Vision Transformer tower: OpenAI / open_clip ViT (class token, ln_pre) and SigLIP ViT (MAP head).
+"""Vision Transformer tower: OpenAI / open_clip ViT (class token, ln_pre), SigLIP ViT (MAP head) and
+CoCa's contrastive image tower (attentional pooler).
 
 Pixels are NHWC `[B, H, W, 3]`, already normalised. Other image sizes than the
 config's are handled by resizing the patch position embeddings with torch's
@@ -87,6 +88,32 @@ class MAPHead(nnx.Module):
         return h[:, 0]
 
 
+class AttentionalPooler(nnx.Module):
+    """CoCa's attentional pooler (open_clip `AttentionalPooler`): learned queries `[Q, E]` attend over the tokens.
+
+    `out = MHA(ln_q(query), ln_k(x), ln_k(x))` with `attn_pool_heads` heads over `E = embed_dim`, keys
+    and values of width `W = width` (torch `nn.MultiheadAttention(E, heads, kdim=W, vdim=W)`). ln_q and
+    ln_k use eps 1e-5 whatever the tower's `ln_eps` (open_clip builds them with its default LayerNorm).
+    """
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, *, param_dtype, rngs: nnx.Rngs, attention: str = "xla"):
+        self.query = param(rngs, normal(1.0), (cfg.attn_pool_queries, embed_dim), (None, "embed"), param_dtype)
+        self.ln_q = LayerNorm(embed_dim, eps=1e-5, param_dtype=param_dtype, rngs=rngs)
+        self.ln_k = LayerNorm(cfg.width, eps=1e-5, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(embed_dim, cfg.attn_pool_heads, param_dtype=param_dtype, rngs=rngs,
+                              implementation=attention, kv_dim=cfg.width)
+
+    def __call__(self, x: jax.Array, queries: int | None = None) -> jax.Array:
+        """Tokens `[B, T, W]` -> pooled queries `[B, n, E]`, the first `n = queries` (default: all).
+
+        Queries do not interact (each attends to the tokens alone), so the first `n` outputs are
+        those of the full pooler."""
+        q = self.query[...][:queries]
+        q = self.ln_q(q.astype(x.dtype))
+        q = jnp.broadcast_to(q[None], (x.shape[0],) + q.shape)
+        return self.attn(q, self.ln_k(x))
+
+
 class VisionTransformer(nnx.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, use_proj: bool, *, param_dtype, rngs: nnx.Rngs,
                  attention: str = "xla"):
@@ -100,10 +127,16 @@ class VisionTransformer(nnx.Module):
         self.pos_embed = param(rngs, normal(scale), (cfg.num_tokens, d), (None, "embed"), param_dtype)
         self.ln_pre = LayerNorm(d, eps=cfg.ln_eps, param_dtype=param_dtype, rngs=rngs) if cfg.ln_pre else None
         self.transformer = Transformer(d, cfg.heads, cfg.mlp_dim, cfg.layers, cfg.act, cfg.ln_eps,
-                                       param_dtype=param_dtype, rngs=rngs, attention=attention)
-        self.ln_post = LayerNorm(d, eps=cfg.ln_eps, param_dtype=param_dtype, rngs=rngs)
+                                       param_dtype=param_dtype, rngs=rngs, attention=attention,
+                                       layer_scale_init=cfg.layer_scale_init)
+        # CoCa's pooler outputs embed_dim-wide queries: ln_post and the projection act on those
+        pool_dim = embed_dim if cfg.pool == "attn" else d
+        self.attn_pool = (AttentionalPooler(cfg, embed_dim, param_dtype=param_dtype, rngs=rngs, attention=attention)
+                          if cfg.pool == "attn" else None)
+        self.ln_post = LayerNorm(pool_dim, eps=cfg.ln_eps, param_dtype=param_dtype, rngs=rngs)
         self.map_head = MAPHead(cfg, param_dtype=param_dtype, rngs=rngs, attention=attention) if cfg.pool == "map" else None
-        self.proj = param(rngs, normal(scale), (d, embed_dim), ("embed", None), param_dtype) if use_proj else None
+        self.proj = (param(rngs, normal(scale), (pool_dim, embed_dim), ("embed", None), param_dtype) if use_proj
+                     else None)
 
     # -- pieces
     def embed(self, pixels: jax.Array) -> jax.Array:
@@ -136,8 +169,12 @@ class VisionTransformer(nnx.Module):
         """ln_post, pool and project the final tokens `[B, T, D]` -> `[B, E]`.
 
         `final_ln_after_pool` (open_clip's option, CLIPA) applies ln_post to the pooled vector instead.
+        `attn` (CoCa): the attentional pooler, ln_post on its first query (open_clip's `_global_pool`
+        with pool_type 'tok' on the pooled queries), then the projection; only that query is computed.
         """
         cfg = self.cfg
+        if cfg.pool == "attn":
+            return self._project(self.ln_post(self.attn_pool(x, queries=1)[:, 0]))
         if not cfg.final_ln_after_pool:
             x = self.ln_post(x)
         if cfg.pool == "tok":

@@ -115,6 +115,8 @@ def _groups(name: str, config: CLIPConfig, n_layers: int | None):
     ViT / text groups (open_clip `VisionTransformer.lock`, timm `group_matcher`, `lock_text_tower`):
     0 = embeddings, 1..L-1 = blocks 0..L-2, L = last block + ln_post / ln_final, L+1 = head
     (proj / MAP head; text: projection). Layer ids: 0 embeddings, i+1 block i, L+1 after the blocks.
+    CoCa: `cls_emb` is an embedding; the attentional pooler is in no lock group (group -1: frozen whenever
+    the image tower is locked, as open_clip's `VisionTransformer.lock` leaves it), layer id L+1.
     ResNet: stem 0, layer1..4 = 1..4, attnpool 5 for both (L = 4).
     """
     parts = name.split(".")
@@ -133,7 +135,7 @@ def _groups(name: str, config: CLIPConfig, n_layers: int | None):
             raise ValueError(f"{name!r} has {n_layers} stacked layers, the config says {depth}")
         ids = np.arange(depth) + 1
         return tower, ids, ids, depth
-    embed = ("patch_kernel", "patch_bias", "class_embedding", "pos_embed", "ln_pre", "token_embed")
+    embed = ("patch_kernel", "patch_bias", "class_embedding", "pos_embed", "ln_pre", "token_embed", "cls_emb")
     post = ("ln_post", "ln_final")
     head = ("proj", "proj_bias", "map_head")
     if rest[0] in embed:
@@ -142,6 +144,8 @@ def _groups(name: str, config: CLIPConfig, n_layers: int | None):
         return tower, depth, depth + 1, depth
     if rest[0] in head:
         return tower, depth + 1, depth + 1, depth
+    if rest[0] == "attn_pool":  # CoCa's pooler: in no open_clip lock group, so a locked tower keeps it frozen
+        return tower, -1, depth + 1, depth
     raise ValueError(f"unknown {tower} param {name!r}")
 
 
@@ -201,7 +205,8 @@ def trainable_mask(params, config: CLIPConfig, *, lock_image: bool = False, lock
         if g is None or locks[g[0]] is None:
             return _per_layer(1.0, name, shape)
         tower, group, _, depth = g
-        return _per_layer(np.asarray(group) >= n_groups(tower, depth) - locks[tower], name, shape)
+        group = np.asarray(group)  # group -1 (CoCa's pooler) is in no group: never unlocked
+        return _per_layer((group >= n_groups(tower, depth) - locks[tower]) & (group >= 0), name, shape)
 
     return _map(one, params)
 
