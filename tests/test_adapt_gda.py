@@ -125,7 +125,7 @@ def test_gda_bad_input():
         gda.fit(train_x, train_y, 7)
     with pytest.raises(ValueError, match="labels must lie"):
         gda.fit(train_x, train_y, 3)
-    with pytest.raises(ValueError, match="rows but labels"):
+    with pytest.raises(ValueError, match=r"labels must have shape \[N\] with N ="):
         gda.fit(train_x, train_y[:-1])
     with pytest.raises(TypeError, match="integer"):
         gda.fit(train_x, train_y.astype(np.float32))

@@ -113,7 +113,7 @@ def test_bad_input_errors():
     x, y, omega = (a.astype(np.float32) for a in _data())
     with pytest.raises(ValueError, match="same shape"):
         metrics.sce_score(x[:-1], y, omega)
-    with pytest.raises(ValueError, match="omega must be"):
+    with pytest.raises(ValueError, match="omega must have shape"):
         metrics.sce_score(x, y, omega[:-1])
     with pytest.raises(ValueError, match="form must be"):
         metrics.sce_score(x, y, omega, form="kernel")

@@ -185,7 +185,7 @@ def test_adaneg_bad_input():
         adaneg_scores(x, id_t[:0], neg_t)
     bad = x.copy()
     bad[7, 1] = np.inf
-    with pytest.raises(ValueError, match="NaN/inf"):
+    with pytest.raises(ValueError, match="NaN or inf"):
         adaneg_scores(bad, id_t, neg_t)
     with pytest.raises(ValueError, match="memory_length"):
         adaneg_scores(x, id_t, neg_t, memory_length=0)

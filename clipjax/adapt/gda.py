@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipjax import checks
+
 __all__ = ["GDAParams", "check_features_labels", "fit", "predict"]
 
 
@@ -43,56 +45,41 @@ class GDAParams(NamedTuple):
     logit_scale: jax.Array
 
 
-def check_features_labels(features, labels, num_classes: int | None, *, feature_ndim: int = 2):
-    """Validate `[..., N, D]` float features and `[N]` integer labels; return them and K.
+def check_features_labels(features, labels, num_classes: int | None, *, feature_ndim: int = 2,
+                          names: tuple[str, str] = ("features", "labels"), dim: int | None = None,
+                          validate: bool = True):
+    """Check `[N, D]` (or `[A, N, D]`) float features and `[N]` integer labels; return them and K.
 
-    K is `num_classes` if given, else `max(labels) + 1` (labels must then be concrete).
+    K is `num_classes` if given, else `max(labels) + 1` (labels must then be concrete). `dim`
+    fixes D. Value checks (NaN/inf features, labels outside [0, K)) follow `clipjax.checks`:
+    concrete inputs only, skipped with `validate=False`.
 
     Raises:
       TypeError: non-float features or non-integer labels.
-      ValueError: wrong ranks, empty inputs, mismatched lengths, NaN/inf features,
+      ValueError: wrong ranks or sizes, empty inputs, mismatched lengths, NaN/inf features,
         or labels outside [0, K).
     """
-    features = jnp.asarray(features)
-    labels = jnp.asarray(labels)
-    if features.ndim != feature_ndim:
-        raise ValueError(f"features must have rank {feature_ndim}, got shape {tuple(features.shape)}")
-    if not jnp.issubdtype(features.dtype, jnp.floating):
-        raise TypeError(f"features must be floating point, got dtype {features.dtype}")
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be a vector [N], got shape {tuple(labels.shape)}")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    if labels.shape[0] == 0 or any(d == 0 for d in features.shape):
-        raise ValueError(f"empty input: features {tuple(features.shape)}, labels {tuple(labels.shape)}")
-    if features.shape[-2] != labels.shape[0]:
-        raise ValueError(f"features have {features.shape[-2]} rows but labels has {labels.shape[0]}; they must match")
-    concrete = not isinstance(labels, jax.core.Tracer)
-    if concrete:
-        lab = np.asarray(labels)
-        if num_classes is None:
-            num_classes = int(lab.max()) + 1
-        if lab.min() < 0 or lab.max() >= num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}), got range [{lab.min()}, {lab.max()}]")
-    elif num_classes is None:
-        raise ValueError("num_classes is required when labels are traced")
-    if not isinstance(features, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(features))):
-        raise ValueError("features hold NaN/inf values; fit needs finite features")
-    return features, labels, int(num_classes)
+    f_name, l_name = names
+    features = checks.array(f_name, features, "[N, D]" if feature_ndim == 2 else "[A, N, D]",
+                            sizes=None if dim is None else {"D": dim})
+    labels = checks.array(l_name, labels, "[N]", dtype="integer", sizes={"N": features.shape[-2]})
+    if num_classes is None:
+        if not checks.is_concrete(labels):
+            raise ValueError("num_classes is required when labels are traced")
+        num_classes = int(np.max(np.asarray(labels))) + 1
+    num_classes = checks.positive_int("num_classes", num_classes)
+    checks.index_range(l_name, labels, num_classes, validate=validate)
+    checks.finite(f_name, features, validate=validate)
+    return features, labels, num_classes
 
 
-def _check_text(text_emb, num_classes: int, dim: int):
+def _check_text(text_emb, num_classes: int, dim: int, validate: bool):
+    """`[K, D]` zero-shot classifier, L2-normalised (all-zero rows are an error when validating)."""
     if text_emb is None:
         return None
-    text_emb = jnp.asarray(text_emb)
-    if text_emb.ndim != 2 or text_emb.shape != (num_classes, dim):
-        raise ValueError(f"text_emb must have shape [K, D] = ({num_classes}, {dim}), got {tuple(text_emb.shape)}")
-    if not jnp.issubdtype(text_emb.dtype, jnp.floating):
-        raise TypeError(f"text_emb must be floating point, got dtype {text_emb.dtype}")
-    if not isinstance(text_emb, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(text_emb))):
-        raise ValueError("text_emb holds NaN/inf values")
-    norm = jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
-    return text_emb / jnp.maximum(norm, 1e-12)
+    text_emb = checks.array("text_emb", text_emb, "[K, D]", sizes={"K": num_classes, "D": dim})
+    checks.nonzero_rows("text_emb", text_emb, validate=validate)
+    return checks.l2_normalize(text_emb)
 
 
 def _fit(features, labels, num_classes):
@@ -115,7 +102,7 @@ _fit_jit = jax.jit(_fit, static_argnums=(2,))
 
 
 def fit(features: jax.Array, labels: jax.Array, num_classes: int | None = None, *, text_emb: jax.Array | None = None,
-        alpha: float = 1.0, logit_scale: float = 100.0) -> GDAParams:
+        alpha: float = 1.0, logit_scale: float = 100.0, validate: bool = True) -> GDAParams:
     """Estimate class means and the shared precision with the KS shrinkage estimator.
 
     Args:
@@ -126,19 +113,21 @@ def fit(features: jax.Array, labels: jax.Array, num_classes: int | None = None, 
       text_emb: optional `[K, D]` zero-shot text classifier (normalised here).
       alpha: weight of the GDA head (choose it with `search.select_gda_alpha`).
       logit_scale: scale of the text cosines (100).
+      validate: check concrete inputs for NaN/inf, labels out of range, classes without samples and
+        all-zero `text_emb` rows (`clipjax.checks`).
 
     Returns:
       `GDAParams`.
     """
-    features, labels, num_classes = check_features_labels(features, labels, num_classes)
+    features, labels, num_classes = check_features_labels(features, labels, num_classes, validate=validate)
     if features.shape[0] < 2:
         raise ValueError(f"GDA needs at least 2 samples to estimate a covariance, got {features.shape[0]}")
-    if not isinstance(labels, jax.core.Tracer):
+    if validate and checks.is_concrete(labels):
         present = np.bincount(np.asarray(labels), minlength=num_classes)
         if (present == 0).any():
             raise ValueError(f"classes {np.flatnonzero(present == 0)[:10].tolist()} have no samples; "
                              "GDA needs every class's mean")
-    text_emb = _check_text(text_emb, num_classes, features.shape[1])
+    text_emb = _check_text(text_emb, num_classes, features.shape[1], validate)
     weight, bias = _fit_jit(features, labels, num_classes)
     return GDAParams(weight, bias, text_emb, jnp.asarray(alpha, weight.dtype), jnp.asarray(logit_scale, weight.dtype))
 
@@ -153,7 +142,5 @@ def _predict(params: GDAParams, features):
 
 def predict(params: GDAParams, features: jax.Array) -> jax.Array:
     """Class logits `[B, K]` for `[B, D]` features (normalised CLIP features, as in fit)."""
-    features = jnp.asarray(features)
-    if features.ndim != 2 or features.shape[1] != params.weight.shape[0]:
-        raise ValueError(f"features must have shape [B, {params.weight.shape[0]}], got {tuple(features.shape)}")
+    features = checks.array("features", features, "[B, D]", sizes={"D": params.weight.shape[0]})
     return _predict(params, features)

@@ -61,9 +61,9 @@ def select_gda_alpha(params: gda.GDAParams, val_features: jax.Array, val_labels:
     Returns:
       `(params with the best alpha, [len(alphas)] validation accuracies)`.
     """
-    val_features, val_labels, _ = check_features_labels(val_features, val_labels, params.weight.shape[1])
-    if val_features.shape[1] != params.weight.shape[0]:
-        raise ValueError(f"val_features have dimension {val_features.shape[1]}, params expect {params.weight.shape[0]}")
+    val_features, val_labels, _ = check_features_labels(val_features, val_labels, params.weight.shape[1],
+                                                        names=("val_features", "val_labels"),
+                                                        dim=params.weight.shape[0])
     alphas = jnp.asarray(alphas, params.weight.dtype)
     accs = np.asarray(_gda_accuracies(params, val_features, val_labels, alphas))
     best = alphas[_first_best(accs)]
@@ -97,9 +97,9 @@ def select_tip_alpha_beta(params: tip_adapter.TipAdapterParams, val_features: ja
     Returns:
       `(params with the best alpha and beta, [len(betas), len(alphas)] validation accuracies)`.
     """
-    val_features, val_labels, _ = check_features_labels(val_features, val_labels, params.values.shape[1])
-    if val_features.shape[1] != params.keys.shape[1]:
-        raise ValueError(f"val_features have dimension {val_features.shape[1]}, params expect {params.keys.shape[1]}")
+    val_features, val_labels, _ = check_features_labels(val_features, val_labels, params.values.shape[1],
+                                                        names=("val_features", "val_labels"),
+                                                        dim=params.keys.shape[1])
     if betas is None or alphas is None:
         default_b, default_a = tip_grid()
         betas = default_b if betas is None else betas

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clipjax import checks
 from clipjax.adapt.gda import _check_text, check_features_labels
 
 __all__ = ["TipAdapterParams", "fit", "predict"]
@@ -46,13 +47,12 @@ class TipAdapterParams(NamedTuple):
 
 
 @jax.jit
-def _build_keys(features):
-    keys = features.mean(axis=0)
-    return keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
+def _mean_over_passes(features):
+    return features.mean(axis=0)
 
 
 def fit(features: jax.Array, labels: jax.Array, num_classes: int | None = None, *, text_emb: jax.Array | None = None,
-        alpha: float = 1.17, beta: float = 1.0, logit_scale: float = 100.0) -> TipAdapterParams:
+        alpha: float = 1.17, beta: float = 1.0, logit_scale: float = 100.0, validate: bool = True) -> TipAdapterParams:
     """Build the cache from few-shot features.
 
     Args:
@@ -63,6 +63,8 @@ def fit(features: jax.Array, labels: jax.Array, num_classes: int | None = None, 
       text_emb: optional `[K, D]` zero-shot text classifier (normalised here).
       alpha, beta: cache weight and sharpness (ImageNet initial values 1.17 and 1).
       logit_scale: 100.
+      validate: check concrete inputs for NaN/inf, labels out of range, all-zero `text_emb` rows
+        and all-zero keys (a shot whose mean feature is zero cannot be normalised).
 
     Returns:
       `TipAdapterParams`.
@@ -70,9 +72,12 @@ def fit(features: jax.Array, labels: jax.Array, num_classes: int | None = None, 
     features = jnp.asarray(features)
     if features.ndim == 2:
         features = features[None]
-    features, labels, num_classes = check_features_labels(features, labels, num_classes, feature_ndim=3)
-    text_emb = _check_text(text_emb, num_classes, features.shape[-1])
-    keys = _build_keys(features)
+    features, labels, num_classes = check_features_labels(features, labels, num_classes, feature_ndim=3,
+                                                          validate=validate)
+    text_emb = _check_text(text_emb, num_classes, features.shape[-1], validate)
+    mean = _mean_over_passes(features)
+    checks.nonzero_rows("the mean over augmented passes of features", mean, validate=validate)
+    keys = checks.l2_normalize(mean)
     values = jax.nn.one_hot(labels, num_classes, dtype=keys.dtype)
     dtype = keys.dtype
     return TipAdapterParams(keys, values, text_emb, jnp.asarray(alpha, dtype), jnp.asarray(beta, dtype),
@@ -94,7 +99,5 @@ def _predict(params: TipAdapterParams, features):
 
 def predict(params: TipAdapterParams, features: jax.Array) -> jax.Array:
     """Class logits `[B, K]` for normalised `[B, D]` test features."""
-    features = jnp.asarray(features)
-    if features.ndim != 2 or features.shape[1] != params.keys.shape[1]:
-        raise ValueError(f"features must have shape [B, {params.keys.shape[1]}], got {tuple(features.shape)}")
+    features = checks.array("features", features, "[B, D]", sizes={"D": params.keys.shape[1]})
     return _predict(params, features)

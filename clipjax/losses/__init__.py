@@ -32,11 +32,9 @@ from clipjax.losses.sharded import (
     sharded_siglip_loss,
     siglip_loss_local,
 )
-from clipjax.losses.validate import check_finite
 
 __all__ = [
     "accumulate_contrastive_grads",
-    "check_finite",
     "chunked_clip_loss",
     "chunked_siglip_loss",
     "clip_loss",

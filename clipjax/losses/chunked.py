@@ -31,8 +31,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from clipjax import checks
 from clipjax.losses.contrastive import _check_smoothing, _prepare
-from clipjax.losses.validate import check_block_size
 
 __all__ = [
     "row_logsumexp",
@@ -321,7 +321,7 @@ def chunked_clip_loss(image_features, text_features, logit_scale, logit_bias=Non
       Scalar float32 loss.
     """
     label_smoothing = _check_smoothing(label_smoothing)
-    block_size = check_block_size(block_size)
+    block_size = checks.positive_int("block_size", block_size)
     x, y, scale, bias = _prepare(image_features, text_features,
                                  {"logit_scale": logit_scale, "logit_bias": logit_bias}, validate)
     lse_r, lse_c = (lse_fn or row_col_logsumexp)(x, y, scale, block_size)
@@ -349,7 +349,7 @@ def chunked_siglip_loss(image_features, text_features, logit_scale, logit_bias, 
     """
     if logit_bias is None:
         raise ValueError("chunked_siglip_loss needs logit_bias (SigLIP initialises it to -10)")
-    block_size = check_block_size(block_size)
+    block_size = checks.positive_int("block_size", block_size)
     x, y, scale, bias = _prepare(image_features, text_features,
                                  {"logit_scale": logit_scale, "logit_bias": logit_bias}, validate)
     total = jnp.sum((pair_sum_fn or sigmoid_row_sums)(x, y, scale, bias, block_size))

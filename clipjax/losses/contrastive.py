@@ -14,8 +14,12 @@ Conventions shared by every loss in `clipjax.losses`:
 * Everything is computed in float32, whatever the input dtype (bf16 inputs are
   upcast before the matmul), so the log-sum-exp and log-sigmoid stay stable.
   Gradients come back in the input dtype.
-* `validate=True` runs the static checks (always) and, for concrete inputs
-  only, a NaN/inf check; under `jit` the value check is skipped.
+* Inputs are checked by `clipjax.checks`: shapes and dtypes always (also at
+  trace time), NaN/inf only for concrete inputs with `validate=True` (skipped
+  under `jit`). The losses take embeddings as given and never normalise them,
+  so an all-zero row is valid input (its logits are 0). The one normalisation
+  is CLOOB's Hopfield retrieval: a retrieved pattern that is exactly zero is an
+  error when validating and stays a zero vector otherwise (no NaN).
 
 Losses here build the full `[B, B]` logit matrix; `clipjax.losses.chunked` and
 `clipjax.losses.sharded` compute the same numbers in O(B x block) memory and
@@ -27,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from clipjax.losses.validate import check_feature_pair, check_finite, check_scalar
+from clipjax import checks
 
 __all__ = [
     "clip_loss",
@@ -43,16 +47,27 @@ __all__ = [
 ]
 
 
+def _check_pair(image_features, text_features, names=("image_features", "text_features"),
+                min_batch: int = 2) -> tuple[jax.Array, jax.Array]:
+    """Static checks of two paired `[B, D]` embedding matrices (same shape and dtype, B >= `min_batch`).
+
+    Contrastive losses need a negative for every pair, so the default smallest batch is 2.
+    """
+    a = checks.array(names[0], image_features, "[B, D]", min_rows=min_batch)
+    b = checks.array(names[1], text_features, "[B, D]", min_rows=min_batch)
+    checks.same_shape("[B, D]", **{names[0]: a, names[1]: b})
+    checks.same_dtype(**{names[0]: a, names[1]: b})
+    return a, b
+
+
 def _prepare(image_features, text_features, scalars: dict, validate: bool, names=None):
     """Static checks, optional finite check, float32 cast. Returns (x, y, *scalars)."""
     names = names or ("image_features", "text_features")
-    check_feature_pair(image_features, text_features, names)
-    out = {k: (None if v is None else check_scalar(v, k)) for k, v in scalars.items()}
-    if validate:
-        check_finite(**{names[0]: image_features, names[1]: text_features}, **scalars)
-    x = jnp.asarray(image_features).astype(jnp.float32)
-    y = jnp.asarray(text_features).astype(jnp.float32)
-    return (x, y, *out.values())
+    a, b = _check_pair(image_features, text_features, names)
+    out = {k: (None if v is None else checks.scalar(k, v)) for k, v in scalars.items()}
+    for name, v in ((names[0], a), (names[1], b), *out.items()):
+        checks.finite(name, v, validate=validate)
+    return (a.astype(jnp.float32), b.astype(jnp.float32), *out.values())
 
 
 def smoothed_cross_entropy(logits: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -142,20 +157,28 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *,
     return total / x.shape[0]
 
 
-def hopfield_retrieval(state_patterns: jax.Array, stored_patterns: jax.Array, beta) -> jax.Array:
+def hopfield_retrieval(state_patterns: jax.Array, stored_patterns: jax.Array, beta, *,
+                       validate: bool = True) -> jax.Array:
     """Modern Hopfield retrieval `normalize(softmax(beta * xi P^T) P)` (CLOOB, no projections).
 
     Args:
       state_patterns: `[N, D]` query patterns xi.
       stored_patterns: `[M, D]` stored patterns P.
       beta: inverse temperature of the association softmax (CLOOB default 14.3).
+      validate: for concrete inputs, raise if a retrieved pattern is exactly zero (stored
+        patterns that cancel out), which cannot be normalised; without validation it stays
+        a zero vector (`clipjax.checks.l2_normalize`).
 
     Returns:
-      `[N, D]` retrieved patterns, each row L2-normalised.
+      `[N, D]` retrieved patterns, each row L2-normalised (or zero, see `validate`).
     """
-    assoc = jax.nn.softmax(beta * (state_patterns @ stored_patterns.T), axis=1)
-    out = assoc @ stored_patterns
-    return out / jnp.linalg.norm(out, axis=1, keepdims=True)
+    return _hopfield(state_patterns, stored_patterns, beta, validate, ("state_patterns", "stored_patterns"))
+
+
+def _hopfield(state, stored, beta, validate, names):
+    out = jax.nn.softmax(beta * (state @ stored.T), axis=1) @ stored
+    checks.nonzero_rows(f"the Hopfield retrieval of {names[0]} from {names[1]}", out, validate=validate)
+    return checks.l2_normalize(out)
 
 
 _LOOB_MASK = -1000.0  # CLOOB masks the positive with -1000 (not -inf) before the log-sum-exp
@@ -195,17 +218,18 @@ def cloob_loss(image_features, text_features, inv_tau, *, hopfield_beta=14.3,
       text_features: `[B, D]` L2-normalised text embeddings y.
       inv_tau: scalar 1/tau, already exponentiated (CLOOB init 14.3, README 30).
       hopfield_beta: Hopfield inverse temperature beta (CLOOB init 14.3, README 8).
-      validate: check finiteness when the inputs are concrete.
+      validate: check finiteness, and that no Hopfield retrieval is zero, when the inputs are concrete.
 
     Returns:
       Scalar float32 loss.
     """
     x, y, inv_tau, beta = _prepare(image_features, text_features,
                                    {"inv_tau": inv_tau, "hopfield_beta": hopfield_beta}, validate)
-    u_x = hopfield_retrieval(x, x, beta)
-    v_x = hopfield_retrieval(y, x, beta)
-    u_y = hopfield_retrieval(x, y, beta)
-    v_y = hopfield_retrieval(y, y, beta)
+    img, txt = "image_features", "text_features"
+    u_x = _hopfield(x, x, beta, validate, (img, img))
+    v_x = _hopfield(y, x, beta, validate, (txt, img))
+    u_y = _hopfield(x, y, beta, validate, (img, txt))
+    v_y = _hopfield(y, y, beta, validate, (txt, txt))
     return info_loob(u_x, v_x, inv_tau) + info_loob(v_y, u_y, inv_tau)
 
 
@@ -294,9 +318,10 @@ def longclip_short_loss(image_features, short_text_features, logit_scale, *, num
     Returns:
       Scalar float32 loss in nats.
     """
-    check_feature_pair(image_features, short_text_features, ("image_features", "short_text_features"))
-    if validate:
-        check_finite(image_features=image_features, short_text_features=short_text_features)
+    image_features, short_text_features = _check_pair(image_features, short_text_features,
+                                                      ("image_features", "short_text_features"))
+    checks.finite("image_features", image_features, validate=validate)
+    checks.finite("short_text_features", short_text_features, validate=validate)
     if not 1 <= num_components:
         raise ValueError(f"num_components must be >= 1, got {num_components}")
     short_images = principal_component_reconstruction(image_features, num_components, pca_groups)

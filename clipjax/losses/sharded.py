@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from clipjax.losses.chunked import vma_of, row_logsumexp, sigmoid_block_grads, sigmoid_row_sums, softmax_rows_loss
-from clipjax.losses.contrastive import _check_smoothing, _prepare, hopfield_retrieval, _LOOB_MASK
-from clipjax.losses.validate import check_block_size, check_divisible, check_feature_pair
+from clipjax import checks
+from clipjax.losses.contrastive import _check_pair, _check_smoothing, _prepare, hopfield_retrieval, _LOOB_MASK
 
 __all__ = [
     "clip_loss_local",
@@ -73,7 +73,7 @@ def _rowdot(a, b):
 
 def _local_inputs(image_local, text_local, *scalars):
     """Static checks on the per-device blocks; cast everything to float32."""
-    check_feature_pair(image_local, text_local, ("image_local", "text_local"), min_batch=1)
+    image_local, text_local = _check_pair(image_local, text_local, ("image_local", "text_local"), min_batch=1)
     return (image_local.astype(jnp.float32), text_local.astype(jnp.float32),
             *(None if v is None else jnp.asarray(v, jnp.float32) for v in scalars))
 
@@ -239,10 +239,10 @@ def cloob_loss_local(image_local, text_local, inv_tau, hopfield_beta, *, axis_na
     offset = jax.lax.axis_index(axis_name) * b
     all_images = jax.lax.all_gather(image_local, axis_name, tiled=True)
     all_texts = jax.lax.all_gather(text_local, axis_name, tiled=True)
-    u_x = hopfield_retrieval(image_local, all_images, hopfield_beta)
-    v_x = hopfield_retrieval(text_local, all_images, hopfield_beta)
-    u_y = hopfield_retrieval(image_local, all_texts, hopfield_beta)
-    v_y = hopfield_retrieval(text_local, all_texts, hopfield_beta)
+    u_x = hopfield_retrieval(image_local, all_images, hopfield_beta, validate=False)
+    v_x = hopfield_retrieval(text_local, all_images, hopfield_beta, validate=False)
+    u_y = hopfield_retrieval(image_local, all_texts, hopfield_beta, validate=False)
+    v_y = hopfield_retrieval(text_local, all_texts, hopfield_beta, validate=False)
     all_v_x = jax.lax.all_gather(v_x, axis_name, tiled=True)
     all_u_y = jax.lax.all_gather(u_y, axis_name, tiled=True)
     is_pos = (jnp.arange(b)[:, None] + offset) == jnp.arange(n * b)[None, :]
@@ -282,8 +282,17 @@ def _prepare_sharded(image_features, text_features, scalars, mesh, axis_names, v
     n = 1
     for a in axes:
         n *= mesh.shape[a]
-    check_divisible(out[0].shape[0], n, axes)
+    _check_divisible(out[0].shape[0], n, axes)
     return axes, out
+
+
+def _check_divisible(batch: int, num_shards: int, axis_names: Sequence[str]) -> None:
+    """Raise `ValueError` when the global batch does not split evenly over the mesh axes."""
+    if num_shards < 1:
+        raise ValueError(f"mesh axes {tuple(axis_names)} have no devices")
+    if batch % num_shards:
+        raise ValueError(f"global batch B={batch} is not divisible by the {num_shards} devices on "
+                         f"mesh axes {tuple(axis_names)}; pad or drop to a multiple of {num_shards}")
 
 
 def sharded_clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, mesh: Mesh,
@@ -312,7 +321,7 @@ def sharded_clip_loss(image_features, text_features, logit_scale, logit_bias=Non
     """
     label_smoothing = _check_smoothing(label_smoothing)
     if block_size is not None:
-        block_size = check_block_size(block_size)
+        block_size = checks.positive_int("block_size", block_size)
     axes, (x, y, scale, bias) = _prepare_sharded(
         image_features, text_features, {"logit_scale": logit_scale, "logit_bias": logit_bias},
         mesh, axis_names, validate)
@@ -346,7 +355,7 @@ def sharded_siglip_loss(image_features, text_features, logit_scale, logit_bias, 
     if logit_bias is None:
         raise ValueError("sharded_siglip_loss needs logit_bias (SigLIP initialises it to -10)")
     if block_size is not None:
-        block_size = check_block_size(block_size)
+        block_size = checks.positive_int("block_size", block_size)
     axes, (x, y, scale, bias) = _prepare_sharded(
         image_features, text_features, {"logit_scale": logit_scale, "logit_bias": logit_bias},
         mesh, axis_names, validate)
@@ -366,7 +375,9 @@ def sharded_cloob_loss(image_features, text_features, inv_tau, *, hopfield_beta=
       image_features, text_features: global `[B, D]` L2-normalised arrays.
       inv_tau: scalar 1/tau (exponentiated); hopfield_beta: Hopfield beta.
       mesh, axis_names: as in `sharded_clip_loss`.
-      validate: check finiteness when the inputs are concrete.
+      validate: check finiteness when the inputs are concrete. The Hopfield retrievals run
+        inside `shard_map`, on tracers, so unlike `cloob_loss` a zero retrieval is not
+        reported: it stays a zero vector (`clipjax.checks`, rule 3).
 
     Returns:
       Scalar float32 loss.

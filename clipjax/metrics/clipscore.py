@@ -13,7 +13,9 @@
   as mean(g_hat) . mean(r_hat) in O(n + m).
 
 Inputs are raw or normalised embeddings; every function here L2-normalises them
-first, as the references do.
+first, as the references do. So with `validate=True` an all-zero row is an error
+naming the argument and row; with `validate=False` it normalises to a zero vector
+(cosine 0), following `clipjax.checks`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from clipjax.metrics import checks
+from clipjax import checks
 
 HESSEL_W = 2.5
 HESSEL_PREFIX = "A photo depicts "
@@ -40,13 +42,12 @@ def clipscore_prompts(captions: Sequence[str], prefix: str = HESSEL_PREFIX) -> l
 
 
 def _pair(name_a, a, name_b, b, validate):
-    a = checks.floating_matrix(name_a, a)
-    b = checks.floating_matrix(name_b, b)
-    checks.same_dim((name_a, name_b), a, b)
-    checks.same_len((name_a, name_b), a, b)
-    if validate:
-        checks.check_values(name_a, a, nonzero=True)
-        checks.check_values(name_b, b, nonzero=True)
+    a = checks.array(name_a, a, "[N, D]")
+    b = checks.array(name_b, b, "[N, D]")
+    checks.same_dim(**{name_a: a, name_b: b})
+    checks.same_len(**{name_a: a, name_b: b})
+    checks.nonzero_rows(name_a, a, validate=validate)
+    checks.nonzero_rows(name_b, b, validate=validate)
     return a, b
 
 
@@ -88,20 +89,16 @@ def ref_clip_score(image_embeddings, caption_embeddings, reference_embeddings, r
       a + b = 0, as in the reference code. The corpus RefCLIP-S is their mean.
     """
     img, cap = _pair("image_embeddings", image_embeddings, "caption_embeddings", caption_embeddings, validate)
-    refs = checks.floating_matrix("reference_embeddings", reference_embeddings, ndim=3)
-    if refs.shape[0] != cap.shape[0] or refs.shape[2] != cap.shape[1]:
-        raise ValueError(f"reference_embeddings must be [N, R, D] = [{cap.shape[0]}, R, {cap.shape[1]}], "
-                         f"got {tuple(refs.shape)}")
-    if refs.shape[1] == 0:
-        raise ValueError("reference_embeddings has no references (R = 0)")
+    refs = checks.array("reference_embeddings", reference_embeddings, "[N, R, D]",
+                        sizes={"N": cap.shape[0], "D": cap.shape[1]})
     mask = jnp.ones(refs.shape[:2], bool) if reference_mask is None else jnp.asarray(reference_mask)
     if mask.shape != refs.shape[:2] or mask.dtype != jnp.bool_:
-        raise ValueError(f"reference_mask must be a bool array of shape {refs.shape[:2]}, "
+        raise ValueError(f"reference_mask must be a bool array of shape [N, R] = {refs.shape[:2]}, "
                          f"got {mask.dtype}{tuple(mask.shape)}")
     if validate and checks.is_concrete(refs, mask):
         if not bool(jnp.all(jnp.any(mask, axis=1))):
             raise ValueError("every candidate needs at least one reference (a reference_mask row is all False)")
-        checks.check_values("reference_embeddings", jnp.where(mask[..., None], refs, 1.0), nonzero=True)
+        checks.nonzero_rows("reference_embeddings", jnp.where(mask[..., None], refs, 1.0))
     a = w * jnp.maximum(_cos(img, cap), 0.0)
     sims = jnp.einsum("nd,nrd->nr", checks.l2_normalize(cap), checks.l2_normalize(refs))
     b = jnp.max(jnp.where(mask, sims, -jnp.inf), axis=1)
@@ -138,10 +135,9 @@ def clip_i(generated_embeddings, real_embeddings, *, validate: bool = True) -> j
     Returns:
       scalar in [-1, 1], equal to mean_ij cos(g_i, r_j) = mean(g_hat) . mean(r_hat).
     """
-    g = checks.floating_matrix("generated_embeddings", generated_embeddings)
-    r = checks.floating_matrix("real_embeddings", real_embeddings)
-    checks.same_dim(("generated_embeddings", "real_embeddings"), g, r)
-    if validate:
-        checks.check_values("generated_embeddings", g, nonzero=True)
-        checks.check_values("real_embeddings", r, nonzero=True)
+    g = checks.array("generated_embeddings", generated_embeddings, "[N, D]")
+    r = checks.array("real_embeddings", real_embeddings, "[M, D]")
+    checks.same_dim(generated_embeddings=g, real_embeddings=r)
+    checks.nonzero_rows("generated_embeddings", g, validate=validate)
+    checks.nonzero_rows("real_embeddings", r, validate=validate)
     return jnp.dot(jnp.mean(checks.l2_normalize(g), axis=0), jnp.mean(checks.l2_normalize(r), axis=0))

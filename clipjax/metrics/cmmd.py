@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipjax.metrics import checks
+from clipjax import checks
 
 SIGMA = 10.0
 SCALE = 1000.0
@@ -99,9 +99,9 @@ def cmmd(x, y, *, sigma: float = SIGMA, scale: float = SCALE, block_size: int = 
     Returns:
       scalar CMMD in `dtype`.
     """
-    x = checks.floating_matrix("x", x)
-    y = checks.floating_matrix("y", y)
-    checks.same_dim(("x", "y"), x, y)
+    x = checks.array("x", x, "[n, d]")
+    y = checks.array("y", y, "[m, d]")
+    checks.same_dim(x=x, y=y)
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
@@ -110,8 +110,7 @@ def cmmd(x, y, *, sigma: float = SIGMA, scale: float = SCALE, block_size: int = 
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError("dtype=float64 needs 64-bit jax: wrap the call in `with jax.enable_x64(True):` "
                          "or set JAX_ENABLE_X64=1")
-    if validate:
-        checks.check_values("x", x)
-        checks.check_values("y", y)
+    checks.finite("x", x, validate=validate)
+    checks.finite("y", y, validate=validate)
     bs = min(checks.positive_int("block_size", block_size), max(x.shape[0], y.shape[0]))
     return _cmmd(x, y, float(sigma), float(scale), bs, dtype)

@@ -25,7 +25,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from clipjax.metrics import checks
+from clipjax import checks
 from clipjax.sharding import constrain
 
 
@@ -44,15 +44,14 @@ def topk_retrieval(queries, gallery, k: int, *, query_block: int = 1024, gallery
     Returns:
       `(scores [Nq, k], indices [Nq, k] int32)`, best first; ties rank the lower index first.
     """
-    q = checks.floating_matrix("queries", queries)
-    g = checks.floating_matrix("gallery", gallery)
-    checks.same_dim(("queries", "gallery"), q, g)
+    q = checks.array("queries", queries, "[Nq, D]")
+    g = checks.array("gallery", gallery, "[Ng, D]")
+    checks.same_dim(queries=q, gallery=g)
     k = checks.positive_int("k", k)
     if k > g.shape[0]:
         raise ValueError(f"k={k} is larger than the gallery ({g.shape[0]} items)")
-    if validate:
-        checks.check_values("queries", q)
-        checks.check_values("gallery", g)
+    checks.finite("queries", q, validate=validate)
+    checks.finite("gallery", g, validate=validate)
     bq = min(checks.positive_int("query_block", query_block), q.shape[0])
     bg = min(checks.positive_int("gallery_block", gallery_block), g.shape[0])
     return _blocked_topk(q, g, k, bq, bg)
@@ -105,16 +104,18 @@ def recall_at_k(text_embeddings, image_embeddings, text_to_image, ks: Sequence[i
       ks: the K values; each must be <= Ni and <= Nt.
       normalize: L2-normalise both inputs first.
       query_block, gallery_block: block sizes of the top-K search (memory ~ their product).
-      validate: check NaN/inf, unit norms and index range when concrete.
+      validate: check NaN/inf, unit norms (all-zero rows with `normalize=True`) and index range when
+        concrete.
 
     Returns:
       dict with CLIP_benchmark's keys `image_retrieval_recall@K` (text->image) and
       `text_retrieval_recall@K` (image->text), float32 scalars in [0, 1].
     """
-    t = checks.floating_matrix("text_embeddings", text_embeddings)
-    im = checks.floating_matrix("image_embeddings", image_embeddings)
-    checks.same_dim(("text_embeddings", "image_embeddings"), t, im)
-    t2i = checks.int_vector("text_to_image", text_to_image, t.shape[0])
+    t = checks.array("text_embeddings", text_embeddings, "[Nt, D]")
+    im = checks.array("image_embeddings", image_embeddings, "[Ni, D]")
+    checks.same_dim(text_embeddings=t, image_embeddings=im)
+    t2i = checks.array("text_to_image", text_to_image, "[Nt]", dtype="integer")
+    checks.same_len(text_embeddings=t, text_to_image=t2i)
     ks = tuple(checks.positive_int("k", k) for k in ks)
     if not ks:
         raise ValueError("ks is empty")
@@ -122,13 +123,10 @@ def recall_at_k(text_embeddings, image_embeddings, text_to_image, ks: Sequence[i
         raise ValueError(f"K={max(ks)} is larger than the image gallery ({im.shape[0]} images)")
     if max(ks) > t.shape[0]:
         raise ValueError(f"K={max(ks)} is larger than the caption gallery ({t.shape[0]} captions)")
-    if validate:
-        checks.check_values("text_embeddings", t, unit_norm=not normalize, nonzero=normalize)
-        checks.check_values("image_embeddings", im, unit_norm=not normalize, nonzero=normalize)
-        if checks.is_concrete(t2i):
-            lo, hi = int(jnp.min(t2i)), int(jnp.max(t2i))
-            if lo < 0 or hi >= im.shape[0]:
-                raise ValueError(f"text_to_image must index [0, {im.shape[0]}), got values in [{lo}, {hi}]")
+    for name, x in (("text_embeddings", t), ("image_embeddings", im)):
+        checks.values(name, x, unit_norm=not normalize, nonzero=normalize, validate=validate,
+                      hint=" or pass normalize=True")
+    checks.index_range("text_to_image", t2i, im.shape[0], validate=validate)
     if normalize:
         t, im = checks.l2_normalize(t), checks.l2_normalize(im)
     bq = checks.positive_int("query_block", query_block)

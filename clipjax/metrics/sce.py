@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipjax.metrics import checks
+from clipjax import checks
 
 SIGMA = 3.5
 NUM_FEATURES = 2500
@@ -151,23 +151,18 @@ def sce_score(text_embeddings, image_embeddings, omega, *, pinv_rtol: float | No
     Returns:
       `SCEResult(image, text)`: `image` is the SCE (Scendi) score, `text` the prompt part.
     """
-    x = checks.floating_matrix("text_embeddings", text_embeddings)
-    y = checks.floating_matrix("image_embeddings", image_embeddings)
-    w = checks.floating_matrix("omega", omega)
-    if x.shape != y.shape:
-        raise ValueError(f"text_embeddings {tuple(x.shape)} and image_embeddings {tuple(y.shape)} must have the "
-                         "same shape (paired rows, one shared omega)")
-    if w.shape[0] != x.shape[1]:
-        raise ValueError(f"omega must be [d, D] with d = {x.shape[1]}, got {tuple(w.shape)}")
+    x = checks.array("text_embeddings", text_embeddings, "[n, d]")
+    y = checks.array("image_embeddings", image_embeddings, "[n, d]")
+    checks.same_shape("[n, d]", text_embeddings=x, image_embeddings=y)
+    w = checks.array("omega", omega, "[d, D]", sizes={"d": x.shape[1]})
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     feat = 2 * w.shape[1]
     rtol = float(np.finfo(np.float32).eps * feat) if pinv_rtol is None else float(pinv_rtol)
     if not 0 <= rtol < 1:
         raise ValueError(f"pinv_rtol must be in [0, 1), got {pinv_rtol}")
-    if validate:
-        for name, v in (("text_embeddings", x), ("image_embeddings", y), ("omega", w)):
-            checks.check_values(name, v)
+    for name, v in (("text_embeddings", x), ("image_embeddings", y), ("omega", w)):
+        checks.finite(name, v, validate=validate)
     dtype = jnp.result_type(x.dtype, y.dtype, w.dtype)
     x, y, w = x.astype(dtype), y.astype(dtype), w.astype(dtype)
     rtol = jnp.asarray(rtol, dtype)

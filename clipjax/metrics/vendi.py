@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from clipjax.metrics import checks
+from clipjax import checks
 
 FORMS = ("auto", "kernel", "dual")
 
@@ -77,15 +77,17 @@ def vendi_score_from_kernel(kernel, q=1.0, *, normalize: bool = False, validate:
       scalar VS_q in [1, n] (up to rounding).
     """
     q = _parse_q(q)
-    k = checks.floating_matrix("kernel", kernel)
+    k = checks.array("kernel", kernel, "[n, n]")
     if k.shape[0] != k.shape[1]:
         raise ValueError(f"kernel must be square [n, n], got shape {tuple(k.shape)}")
     if validate and checks.is_concrete(k):
-        checks.check_values("kernel", k)
+        checks.finite("kernel", k)
         diag = jnp.diagonal(k)
         tol = checks.norm_tolerance(k.dtype)
         if normalize and not bool(jnp.all(diag > 0)):
-            raise ValueError("kernel diagonal must be positive to normalise it")
+            i = int(jnp.argmax(diag <= 0))
+            raise ValueError(f"kernel has a non-positive diagonal entry (row {i}: {float(diag[i]):.6g}), "
+                             "which cannot be normalised")
         if not normalize and not bool(jnp.all(jnp.abs(diag - 1.0) <= tol)):
             raise ValueError(f"kernel must have a unit diagonal (got values in [{float(diag.min()):.6g}, "
                              f"{float(diag.max()):.6g}]); pass normalize=True to rescale it")
@@ -97,16 +99,22 @@ def vendi_score_from_kernel(kernel, q=1.0, *, normalize: bool = False, validate:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _score_kernel(k, q, normalize):
-    if normalize:
-        d = jnp.sqrt(jnp.diagonal(k))
+    if normalize:  # a zero diagonal entry (a zero feature vector) keeps its row and column at 0, as in l2_normalize
+        diag = jnp.diagonal(k)
+        d = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
         k = k / (d[:, None] * d[None, :])
     lam = jnp.linalg.eigvalsh(k / k.shape[0])
     return jnp.exp(entropy_q(lam, q))
 
 
-def gram_dual(x, *, normalize: bool = True, block_size: int = 4096) -> jax.Array:
-    """`X_hat^T X_hat / n`, `[d, d]`, accumulated over row blocks of `[n, d]` (no normalised copy of X)."""
-    x = checks.floating_matrix("x", x)
+def gram_dual(x, *, normalize: bool = True, block_size: int = 4096, validate: bool = True) -> jax.Array:
+    """`X_hat^T X_hat / n`, `[d, d]`, accumulated over row blocks of `[n, d]` (no normalised copy of X).
+
+    With `normalize`, rows are L2-normalised on the fly; `validate` checks a concrete `x` for
+    NaN/inf and (with `normalize`) all-zero rows, which otherwise contribute nothing.
+    """
+    x = checks.array("x", x, "[n, d]")
+    checks.values("x", x, nonzero=normalize, validate=validate)
     bs = min(checks.positive_int("block_size", block_size), x.shape[0])
     return _gram_dual(x, normalize, bs)
 
@@ -122,7 +130,7 @@ def _gram_dual(x, normalize, bs):
         clamped = jnp.minimum(start, n - bs)  # the last block may overlap the previous one
         blk = jax.lax.dynamic_slice_in_dim(x, clamped, bs, axis=0).astype(acc_dtype)
         weight = ((clamped + jnp.arange(bs)) >= start).astype(acc_dtype)  # 0: row already counted
-        if normalize:  # one fused pass: 1/||x|| (0 for zero rows) times the overlap mask
+        if normalize:  # one fused pass: 1/||x|| (0 for zero rows, as checks.l2_normalize) times the overlap mask
             sq = jnp.sum(blk * blk, axis=1)
             weight = weight * jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
         blk = blk * weight[:, None]
@@ -150,11 +158,11 @@ def vendi_score(x, q=1.0, *, form: str = "auto", normalize: bool = True, block_s
       scalar VS_q.
     """
     q = _parse_q(q)
-    x = checks.floating_matrix("x", x)
+    x = checks.array("x", x, "[n, d]")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    if validate:
-        checks.check_values("x", x, unit_norm=not normalize, nonzero=normalize)
+    checks.values("x", x, unit_norm=not normalize, nonzero=normalize, validate=validate,
+                  hint=" or pass normalize=True")
     n, d = x.shape
     if form == "kernel" or (form == "auto" and n <= d):
         xn = checks.l2_normalize(x) if normalize else x

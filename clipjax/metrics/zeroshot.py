@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipjax.metrics import checks
+from clipjax import checks
 from clipjax.metrics.templates import build_prompts
 
 LOGIT_SCALE = 100.0
@@ -32,32 +32,35 @@ def classifier_weights(text_embeddings, mask=None, *, validate: bool = True) -> 
         per class.
       mask: optional `[C, T]` bool, True where a template embedding is present (for class-
         specific prompt lists of different lengths, padded to T). Every class needs one.
-      validate: check for NaN/inf and zero rows when the inputs are concrete.
+      validate: when the inputs are concrete, check for NaN/inf and all-zero rows, also a zero mean of
+        a class's normalised templates (templates that cancel); see `clipjax.checks`.
 
     Returns:
       `[D, C]` weights: column c is normalize(mean_t normalize(text_embeddings[c, t])).
     """
-    emb = checks.floating_matrix("text_embeddings", text_embeddings, ndim=3)
-    if emb.shape[1] == 0:
-        raise ValueError("text_embeddings has no templates (T = 0)")
+    emb = checks.array("text_embeddings", text_embeddings, "[C, T, D]")
     if mask is None:
         mask = jnp.ones(emb.shape[:2], bool)
     mask = jnp.asarray(mask)
     if mask.shape != emb.shape[:2]:
-        raise ValueError(f"mask must have shape {emb.shape[:2]} ([C, T]), got {tuple(mask.shape)}")
-    if validate and checks.is_concrete(emb, mask):
-        checks.check_values("text_embeddings", jnp.where(mask[..., None], emb, 1.0), nonzero=True)
+        raise ValueError(f"mask must have shape [C, T] = {emb.shape[:2]}, got {tuple(mask.shape)}")
+    validate = validate and checks.is_concrete(emb, mask)
+    if validate:
+        checks.nonzero_rows("text_embeddings", jnp.where(mask[..., None], emb, 1.0))
         if not bool(jnp.all(jnp.any(mask, axis=1))):
             raise ValueError("every class needs at least one template embedding (a mask row is all False)")
-    return _classifier_weights(emb, mask)
+    mean = _template_mean(emb, mask)
+    # rule 3 of clipjax.checks for the derived vector too: templates that cancel out give a zero mean
+    checks.nonzero_rows("the template mean of text_embeddings", mean, validate=validate)
+    return checks.l2_normalize(mean).T
 
 
 @jax.jit
-def _classifier_weights(emb, mask):
-    unit = checks.l2_normalize(emb, eps=1e-12)
+def _template_mean(emb, mask):
+    """`[C, D]` mean over the present templates of the normalised template embeddings."""
+    unit = checks.l2_normalize(emb)
     w = mask[..., None].astype(emb.dtype)
-    mean = jnp.sum(unit * w, axis=1) / jnp.sum(w, axis=1)
-    return checks.l2_normalize(mean).T
+    return jnp.sum(unit * w, axis=1) / jnp.sum(w, axis=1)
 
 
 def zeroshot_classifier(text: Callable[[list[str]], jax.Array] | jax.Array, classnames: Sequence[str] | None = None,
@@ -110,33 +113,27 @@ def zeroshot_logits(image_embeddings, weights, *, scale: float = LOGIT_SCALE, no
         average of several classifiers works as in CLIP_benchmark's `load_clfs`).
       scale: logit scale (CLIP_benchmark uses 100).
       normalize: L2-normalise the image embeddings first.
-      validate: check NaN/inf and unit norms when concrete.
+      validate: check NaN/inf and unit norms (all-zero rows with `normalize=True`) when concrete.
 
     Returns:
       `[N, C]` logits.
     """
-    x = checks.floating_matrix("image_embeddings", image_embeddings)
-    w = checks.floating_matrix("weights", weights)
-    if w.shape[0] != x.shape[1]:
-        raise ValueError(f"weights must be [D, C] with D = {x.shape[1]} (the image embedding size), "
-                         f"got shape {tuple(w.shape)}")
-    if validate:
-        checks.check_values("image_embeddings", x, unit_norm=not normalize, nonzero=normalize)
-        checks.check_values("weights", w)
+    x = checks.array("image_embeddings", image_embeddings, "[N, D]")
+    w = checks.array("weights", weights, "[D, C]", sizes={"D": x.shape[1]})
+    checks.values("image_embeddings", x, unit_norm=not normalize, nonzero=normalize, validate=validate,
+                  hint=" or pass normalize=True")
+    checks.finite("weights", w, validate=validate)
     if normalize:
         x = checks.l2_normalize(x)
     return scale * (x @ w)
 
 
 def _check_labels(logits, labels, validate):
-    logits = checks.floating_matrix("logits", logits)
-    labels = checks.int_vector("labels", labels, logits.shape[0])
-    if validate and checks.is_concrete(labels, logits):
-        lab = np.asarray(labels)
-        if lab.min() < 0 or lab.max() >= logits.shape[1]:
-            raise ValueError(f"labels must lie in [0, {logits.shape[1]}) (the number of classes), "
-                             f"got values in [{lab.min()}, {lab.max()}]")
-        checks.check_values("logits", logits)
+    logits = checks.array("logits", logits, "[N, C]")
+    labels = checks.array("labels", labels, "[N]", dtype="integer")
+    checks.same_len(logits=logits, labels=labels)
+    checks.index_range("labels", labels, logits.shape[1], validate=validate)
+    checks.finite("logits", logits, validate=validate)
     return logits, labels
 
 
@@ -202,17 +199,14 @@ def mean_per_class_recall(logits_or_predictions, labels, num_classes: int | None
         num_classes = pred.shape[1]
         pred = jnp.argmax(pred, axis=1)
     else:
-        pred = checks.int_vector("predictions", pred)
-        labels = checks.int_vector("labels", labels, pred.shape[0])
-        if pred.shape[0] == 0:
-            raise ValueError("predictions is empty")
+        pred = checks.array("predictions", pred, "[N]", dtype="integer")
+        labels = checks.array("labels", labels, "[N]", dtype="integer")
+        checks.same_len(predictions=pred, labels=labels)
         if num_classes is None:
             raise ValueError("num_classes is required when passing predicted classes instead of logits")
         num_classes = checks.positive_int("num_classes", num_classes)
-        if validate and checks.is_concrete(pred, labels):
-            both = np.concatenate([np.asarray(pred), np.asarray(labels)])
-            if both.min() < 0 or both.max() >= num_classes:
-                raise ValueError(f"classes must lie in [0, {num_classes}), got values in [{both.min()}, {both.max()}]")
+        checks.index_range("predictions", pred, num_classes, validate=validate)
+        checks.index_range("labels", labels, num_classes, validate=validate)
     return _balanced_accuracy(pred, labels, num_classes)
 
 

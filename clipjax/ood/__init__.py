@@ -10,7 +10,7 @@ from clipjax.ood.clipn import CLIPNScores, clipn_scores
 from clipjax.ood.metrics import CONVENTIONS, auroc, fpr_at_tpr, ood_metrics
 from clipjax.ood.neglabel import (NegativeLabels, group_permutation, grouped_id_probability, mine_negative_labels,
                                   neglabel_score, percentile_similarity)
-from clipjax.ood.scores import cosine_similarity, energy, gl_mcm, l2_normalize, local_mcm, max_logit, mcm, msp
+from clipjax.ood.scores import cosine_similarity, energy, gl_mcm, local_mcm, max_logit, mcm, msp
 from clipjax.ood.wordlist import (ADJECTIVE_TEMPLATE, NOUN_TEMPLATE, check_class_names, default_wordlist,
                                   load_wordlist, negative_prompts)
 
@@ -35,7 +35,6 @@ __all__ = [
     "group_permutation",
     "grouped_id_probability",
     "init_memory",
-    "l2_normalize",
     "load_wordlist",
     "local_mcm",
     "max_logit",

@@ -41,8 +41,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clipjax import checks
 from clipjax.ood.neglabel import check_negative_inputs, grouped_id_probability
-from clipjax.ood.scores import l2_normalize
 
 __all__ = ["AdaNegOutput", "AdaNegState", "adaneg_scores", "adaneg_update", "init_memory"]
 
@@ -81,17 +81,23 @@ class AdaNegOutput(NamedTuple):
     prediction: jax.Array
 
 
-def init_memory(id_emb: jax.Array, neg_emb: jax.Array, memory_length: int = 10) -> AdaNegState:
+def init_memory(id_emb: jax.Array, neg_emb: jax.Array, memory_length: int = 10, *,
+                validate: bool = True) -> AdaNegState:
     """An empty memory bank holding only the (normalised) label text features.
 
     Args:
       id_emb: `[K, D]` ID label embeddings.
       neg_emb: `[M, D]` negative label embeddings.
       memory_length: L, entries per slot including the text feature (`memleng`, 10).
+      validate: check concrete inputs for NaN/inf and all-zero rows (`clipjax.checks`).
     """
-    if memory_length < 1:
-        raise ValueError(f"memory_length must be >= 1, got {memory_length}")
-    text = l2_normalize(jnp.concatenate([jnp.asarray(id_emb), jnp.asarray(neg_emb)], axis=0)).astype(jnp.float32)
+    memory_length = checks.positive_int("memory_length", memory_length)
+    id_emb = checks.array("id_emb", id_emb, "[K, D]")
+    neg_emb = checks.array("neg_emb", neg_emb, "[M, D]")
+    checks.same_dim(id_emb=id_emb, neg_emb=neg_emb)
+    checks.nonzero_rows("id_emb", id_emb, validate=validate)
+    checks.nonzero_rows("neg_emb", neg_emb, validate=validate)
+    text = checks.l2_normalize(jnp.concatenate([id_emb, neg_emb], axis=0)).astype(jnp.float32)
     c, d = text.shape
     memory = jnp.zeros((c, memory_length, d), text.dtype).at[:, 0].set(text)
     gram = jnp.zeros((c, memory_length, memory_length), text.dtype).at[:, 0, 0].set(jnp.sum(text * text, -1))
@@ -186,7 +192,7 @@ def adaneg_update(state: AdaNegState, image_emb: jax.Array, valid: jax.Array, *,
     Returns:
       The updated state and the batch's `AdaNegOutput` (each field `[B]`).
     """
-    x = l2_normalize(image_emb.astype(jnp.float32))
+    x = checks.l2_normalize(image_emb.astype(jnp.float32))
     text = state.memory[:, 0] if text is None else text
     logits = logit_scale * (x @ text.T)  # [B, C]
     vanilla = grouped_id_probability(logits[:, :num_id], logits[:, num_id:], num_groups, permutation)
@@ -208,7 +214,7 @@ def adaneg_update(state: AdaNegState, image_emb: jax.Array, valid: jax.Array, *,
         norm_sq = jnp.einsum("bcl,clm,bcm->bc", w, state.gram, w)
         ada_logits = logit_scale * numer / jnp.sqrt(jnp.maximum(norm_sq, 1e-24))
     else:
-        ada_logits = logit_scale * (x @ l2_normalize(state.slot_sum).T)
+        ada_logits = logit_scale * (x @ checks.l2_normalize(state.slot_sum).T)
     adaptive = grouped_id_probability(ada_logits[:, :num_id], ada_logits[:, num_id:], num_groups, permutation)
     prediction = _id_prediction(logits, ada_logits, num_id, lambda_)
     return state, AdaNegOutput(adaptive + lambda_ * vanilla, vanilla, adaptive, prediction)
@@ -251,7 +257,7 @@ def adaneg_scores(image_emb: jax.Array, id_emb: jax.Array, neg_emb: jax.Array, *
       beta: 5 (the reference truncates 5.5 to int).
       state: continue from an earlier memory instead of a fresh one (the stream goes on).
       return_state: also return the final `AdaNegState`.
-      validate: check concrete inputs for NaN/inf and duplicate ID labels.
+      validate: check concrete inputs for NaN/inf, all-zero rows and duplicate ID labels.
 
     Returns:
       `AdaNegOutput` with `[N]` fields, or `(AdaNegOutput, AdaNegState)` with `return_state`.
@@ -262,7 +268,7 @@ def adaneg_scores(image_emb: jax.Array, id_emb: jax.Array, neg_emb: jax.Array, *
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if state is None:
-        state = init_memory(id_emb, neg_emb, memory_length)
+        state = init_memory(id_emb, neg_emb, memory_length, validate=False)
     elif state.memory.shape[0] != id_emb.shape[0] + m or state.memory.shape[2] != image_emb.shape[1]:
         raise ValueError(f"state holds {state.memory.shape[0]} slots of dimension {state.memory.shape[2]}; "
                          f"expected {id_emb.shape[0] + m} (K + M) of dimension {image_emb.shape[1]}")

@@ -19,7 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clipjax.ood.scores import check_array, check_finite, check_same_dim, check_unique_rows, cosine_similarity
+from clipjax import checks
+from clipjax.ood.scores import cosine_similarity
 
 __all__ = ["CLIPNScores", "clipn_scores"]
 
@@ -33,8 +34,8 @@ class CLIPNScores(NamedTuple):
 
 @jax.jit
 def _clipn(image_emb, yes_emb, no_emb, logit_scale):
-    logits = logit_scale * cosine_similarity(image_emb, yes_emb)
-    logits_no = logit_scale * cosine_similarity(image_emb, no_emb)
+    logits = logit_scale * cosine_similarity(image_emb, yes_emb, validate=False)
+    logits_no = logit_scale * cosine_similarity(image_emb, no_emb, validate=False)
     p_yes = jax.nn.sigmoid(logits - logits_no)  # [B, K]
     best = jnp.argmax(logits, axis=-1)
     ctw = jnp.take_along_axis(p_yes, best[:, None], axis=-1)[:, 0]
@@ -51,20 +52,17 @@ def clipn_scores(image_emb: jax.Array, yes_emb: jax.Array, no_emb: jax.Array, *,
       yes_emb: `[K, D]` "yes" classifier weights (prompt-ensembled text embeddings of the ID classes).
       no_emb: `[K, D]` "no" classifier weights from CLIPN's "no" text encoder, same class order.
       logit_scale: 100 (logits = 100 cos).
-      validate: check concrete inputs for NaN/inf and duplicate class rows.
+      validate: check concrete inputs for NaN/inf, all-zero rows and duplicate class rows.
 
     Returns:
       `CLIPNScores(atd [B], ctw [B])`.
     """
-    image_emb = check_array("image_emb", image_emb, 2)
-    yes_emb = check_array("yes_emb", yes_emb, 2)
-    no_emb = check_array("no_emb", no_emb, 2)
-    check_same_dim(("image_emb", "yes_emb", "no_emb"), image_emb, yes_emb, no_emb)
-    if yes_emb.shape[0] != no_emb.shape[0]:
-        raise ValueError(f"yes_emb has {yes_emb.shape[0]} classes but no_emb has {no_emb.shape[0]}; "
-                         "they must describe the same classes in the same order")
-    if validate:
-        for name, x in (("image_emb", image_emb), ("yes_emb", yes_emb), ("no_emb", no_emb)):
-            check_finite(name, x)
-        check_unique_rows("yes_emb", yes_emb)
+    image_emb = checks.array("image_emb", image_emb, "[B, D]")
+    yes_emb = checks.array("yes_emb", yes_emb, "[K, D]")
+    no_emb = checks.array("no_emb", no_emb, "[K, D]")
+    checks.same_dim(image_emb=image_emb, yes_emb=yes_emb, no_emb=no_emb)
+    checks.same_len(yes_emb=yes_emb, no_emb=no_emb)  # the same classes in the same order
+    for name, x in (("image_emb", image_emb), ("yes_emb", yes_emb), ("no_emb", no_emb)):
+        checks.nonzero_rows(name, x, validate=validate)
+    checks.unique_rows("yes_emb", yes_emb, validate=validate)
     return _clipn(image_emb, yes_emb, no_emb, logit_scale)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipjax.ood.scores import check_array, check_finite
+from clipjax import checks
 
 __all__ = ["CONVENTIONS", "auroc", "fpr_at_tpr", "ood_metrics"]
 
@@ -48,11 +48,10 @@ CONVENTIONS = ("openood", "nearest", "interpolated")
 
 
 def _check_scores(id_scores, ood_scores, validate: bool):
-    id_scores = check_array("id_scores", id_scores, 1)
-    ood_scores = check_array("ood_scores", ood_scores, 1)
-    if validate:
-        check_finite("id_scores", id_scores)
-        check_finite("ood_scores", ood_scores)
+    id_scores = checks.array("id_scores", id_scores, "[N_in]")
+    ood_scores = checks.array("ood_scores", ood_scores, "[N_out]")
+    checks.finite("id_scores", id_scores, validate=validate)
+    checks.finite("ood_scores", ood_scores, validate=validate)
     dtype = jnp.promote_types(id_scores.dtype, ood_scores.dtype)
     return id_scores.astype(dtype), ood_scores.astype(dtype)
 

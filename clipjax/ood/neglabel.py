@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipjax.ood.scores import (check_array, check_finite, check_same_dim, check_unique_rows, cosine_similarity,
-                                is_concrete, l2_normalize)
+from clipjax import checks
+from clipjax.ood.scores import cosine_similarity
 
 __all__ = [
     "NegativeLabels",
@@ -105,16 +105,16 @@ def _linear_quantile(values, q: float):
 
 @partial(jax.jit, static_argnames=("percentile", "chunk"))
 def _percentile_similarity(candidate_emb, id_emb, percentile, chunk):
-    id_emb = l2_normalize(id_emb)
+    id_emb = checks.l2_normalize(id_emb)
 
     def one(rows):
-        return _linear_quantile(cosine_similarity(rows, id_emb), percentile)
+        return _linear_quantile(cosine_similarity(rows, id_emb, validate=False), percentile)
 
     return jax.lax.map(one, candidate_emb, batch_size=chunk)
 
 
 def percentile_similarity(candidate_emb: jax.Array, id_emb: jax.Array, percentile: float = 0.95, *,
-                          chunk: int = 1024) -> jax.Array:
+                          chunk: int = 1024, validate: bool = True) -> jax.Array:
     """The `percentile` quantile over ID labels of cos(candidate, id label), per candidate.
 
     Args:
@@ -122,15 +122,19 @@ def percentile_similarity(candidate_emb: jax.Array, id_emb: jax.Array, percentil
       id_emb: `[K, D]` ID label embeddings.
       percentile: quantile in [0, 1] (NegLabel's `pencentile`, 0.95).
       chunk: candidates processed per step, bounding memory to `chunk * K` floats.
+      validate: check concrete inputs for NaN/inf and all-zero rows (both are normalised).
 
     Returns:
       `[M]` similarities.
     """
-    candidate_emb = check_array("candidate_emb", candidate_emb, 2)
-    id_emb = check_array("id_emb", id_emb, 2)
-    check_same_dim(("candidate_emb", "id_emb"), candidate_emb, id_emb)
+    candidate_emb = checks.array("candidate_emb", candidate_emb, "[M, D]")
+    id_emb = checks.array("id_emb", id_emb, "[K, D]")
+    checks.same_dim(candidate_emb=candidate_emb, id_emb=id_emb)
     if not 0.0 <= float(percentile) <= 1.0:
         raise ValueError(f"percentile must be in [0, 1], got {percentile}")
+    chunk = checks.positive_int("chunk", chunk)
+    checks.nonzero_rows("candidate_emb", candidate_emb, validate=validate)
+    checks.nonzero_rows("id_emb", id_emb, validate=validate)
     return _percentile_similarity(candidate_emb, id_emb, float(percentile), chunk)
 
 
@@ -145,29 +149,26 @@ def mine_negative_labels(noun_emb: jax.Array, adjective_emb: jax.Array | None, i
       id_emb: `[K, D]` embeddings of the ID label prompts.
       percentile: quantile over ID labels (0.95 in NegLabel).
       fraction: share of each part kept (`neg_topk` = 0.15); `int(M * fraction)` are kept.
-      validate: check concrete inputs for NaN/inf and duplicate ID labels.
+      validate: check concrete inputs for NaN/inf, all-zero rows and duplicate ID labels.
 
     Returns:
       `NegativeLabels`; `.select(noun_emb, adjective_emb)` gives the `[M_neg, D]` negatives.
     """
-    noun_emb = check_array("noun_emb", noun_emb, 2)
+    noun_emb = checks.array("noun_emb", noun_emb, "[M_noun, D]")
     if adjective_emb is None:
         adjective_emb = jnp.zeros((0, noun_emb.shape[1]), noun_emb.dtype)
-    adjective_emb = jnp.asarray(adjective_emb)
-    if adjective_emb.ndim != 2:
-        raise ValueError(f"adjective_emb must have rank 2, got shape {tuple(adjective_emb.shape)}")
-    id_emb = check_array("id_emb", id_emb, 2)
-    check_same_dim(("noun_emb", "adjective_emb", "id_emb"), noun_emb, adjective_emb, id_emb)
+    adjective_emb = checks.array("adjective_emb", adjective_emb, "[M_adj, D]", min_rows=0)
+    id_emb = checks.array("id_emb", id_emb, "[K, D]")
+    checks.same_dim(noun_emb=noun_emb, adjective_emb=adjective_emb, id_emb=id_emb)
     if not 0.0 < float(fraction) <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if validate:
-        for name, x in (("noun_emb", noun_emb), ("adjective_emb", adjective_emb), ("id_emb", id_emb)):
-            check_finite(name, x)
-        check_unique_rows("id_emb", id_emb)
-    noun_sim = percentile_similarity(noun_emb, id_emb, percentile)
+    for name, x in (("noun_emb", noun_emb), ("adjective_emb", adjective_emb), ("id_emb", id_emb)):
+        checks.nonzero_rows(name, x, validate=validate)
+    checks.unique_rows("id_emb", id_emb, validate=validate)
+    noun_sim = percentile_similarity(noun_emb, id_emb, percentile, validate=False)
     n_keep = int(noun_emb.shape[0] * fraction)
     if adjective_emb.shape[0]:
-        adj_sim = percentile_similarity(adjective_emb, id_emb, percentile)
+        adj_sim = percentile_similarity(adjective_emb, id_emb, percentile, validate=False)
     else:
         adj_sim = jnp.zeros((0,), noun_sim.dtype)
     a_keep = int(adjective_emb.shape[0] * fraction)
@@ -225,38 +226,37 @@ def check_negative_inputs(image_emb, id_emb, neg_emb, num_groups: int, permutati
     """Shared input checks of NegLabel and AdaNeg; returns the arrays and the group permutation (or None).
 
     Shapes: `[B, D]`, `[K, D]`, `[M, D]`; the permutation is `[M - M % G]` (drawn from `seed` when None
-    and G > 1). With `validate`, concrete inputs are checked for NaN/inf and duplicate ID labels.
+    and G > 1). With `validate`, concrete inputs are checked for NaN/inf, all-zero rows (all three are
+    L2-normalised), duplicate ID labels and a permutation that is not one (`clipjax.checks`).
     """
-    image_emb = check_array("image_emb", image_emb, 2)
-    id_emb = check_array("id_emb", id_emb, 2)
-    neg_emb = check_array("neg_emb", neg_emb, 2)
-    check_same_dim(("image_emb", "id_emb", "neg_emb"), image_emb, id_emb, neg_emb)
+    image_emb = checks.array("image_emb", image_emb, "[B, D]")
+    id_emb = checks.array("id_emb", id_emb, "[K, D]")
+    neg_emb = checks.array("neg_emb", neg_emb, "[M, D]")
+    checks.same_dim(image_emb=image_emb, id_emb=id_emb, neg_emb=neg_emb)
     m = neg_emb.shape[0]
     if not 1 <= num_groups <= m:
         raise ValueError(f"num_groups must be in [1, {m}] (the number of negative labels), got {num_groups}")
-    if validate:
-        for name, x in (("image_emb", image_emb), ("id_emb", id_emb), ("neg_emb", neg_emb)):
-            check_finite(name, x)
-        check_unique_rows("id_emb", id_emb)
+    for name, x in (("image_emb", image_emb), ("id_emb", id_emb), ("neg_emb", neg_emb)):
+        checks.nonzero_rows(name, x, validate=validate)
+    checks.unique_rows("id_emb", id_emb, validate=validate)
     if permutation is None and num_groups > 1:
         permutation = group_permutation(m, num_groups, seed)
     if permutation is not None:
-        permutation = jnp.asarray(permutation, jnp.int32)
-        if permutation.shape != (m - m % num_groups,):
-            raise ValueError(f"permutation must have shape ({m - m % num_groups},) for {m} negatives in "
-                             f"{num_groups} groups, got {tuple(permutation.shape)}")
-        if validate and is_concrete(permutation):
+        kept = m - m % num_groups
+        permutation = checks.array("permutation", permutation, "[M - M % G]", dtype="integer", min_rows=0,
+                                   sizes={"M - M % G": kept}).astype(jnp.int32)
+        if validate and checks.is_concrete(permutation):
             p = np.asarray(permutation)
             if not np.array_equal(np.sort(p), np.arange(p.shape[0])):
-                raise ValueError("permutation is not a permutation of range(M - M % num_groups)")
+                raise ValueError(f"permutation is not a permutation of range(M - M % num_groups) = range({kept})")
     return image_emb, id_emb, neg_emb, permutation
 
 
 @partial(jax.jit, static_argnames=("num_groups",))
 def _neglabel(image_emb, id_emb, neg_emb, logit_scale, num_groups, permutation):
-    x = l2_normalize(image_emb)
-    pos = logit_scale * cosine_similarity(x, id_emb)
-    neg = logit_scale * cosine_similarity(x, neg_emb)
+    x = checks.l2_normalize(image_emb)
+    pos = logit_scale * cosine_similarity(x, id_emb, validate=False)
+    neg = logit_scale * cosine_similarity(x, neg_emb, validate=False)
     return grouped_id_probability(pos, neg, num_groups, permutation)
 
 
@@ -273,7 +273,7 @@ def neglabel_score(image_emb: jax.Array, id_emb: jax.Array, neg_emb: jax.Array, 
       num_groups: G (NegLabel's `ngroup`); 1 gives the plain ID probability over all labels.
       seed: seed or key of the permutation when `permutation` is None and G > 1.
       permutation: explicit `[M - M % G]` permutation of the kept negatives.
-      validate: check concrete inputs for NaN/inf and duplicate ID labels.
+      validate: check concrete inputs for NaN/inf, all-zero rows and duplicate ID labels.
 
     Returns:
       `[B]` scores in (0, 1).

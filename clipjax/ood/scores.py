@@ -14,26 +14,24 @@ Definitions (methods.md §8):
     with x_p the MaskCLIP patch embeddings (§19), lambda = 0.5 in the paper's
     ImageNet script (its argparse default is 1.0).
 
-The public functions check shapes and dtypes from static information (so they
-also work under `jax.jit`), and with `validate=True` (the default) they check
-concrete inputs for NaN/inf and exact duplicate label rows; that check is
-skipped for tracers. The `_`-less kernels are row-wise, so inputs may be sharded
-over the batch axis.
+The public functions check their inputs with `clipjax.checks`: shapes and dtypes
+always (also under `jax.jit`); with `validate=True` (the default) and concrete
+inputs also NaN/inf, all-zero rows (every embedding is L2-normalised here, so a
+zero row is an error naming the argument and row; with `validate=False` it
+normalises to a zero vector, cosine 0) and exact duplicate label rows. The
+`_`-less kernels are row-wise, so inputs may be sharded over the batch axis.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
-import numpy as np
+from clipjax import checks
 
 __all__ = [
     "cosine_similarity",
     "energy",
     "gl_mcm",
-    "l2_normalize",
     "local_mcm",
     "max_logit",
     "mcm",
@@ -41,88 +39,19 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- validation
-def is_concrete(*xs) -> bool:
-    """True when no argument is a jax tracer, so its values can be inspected."""
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-def check_array(name: str, x, ndim: int, *, floating: bool = True, min_rows: int = 1) -> jax.Array:
-    """Return `x` as a jax array after checking its rank, dtype and that no axis is empty.
-
-    Raises:
-      TypeError: `x` is not a floating-point array (when `floating`).
-      ValueError: wrong rank, or an empty axis (for example an empty label list).
-    """
-    if x is None:
-        raise ValueError(f"{name} is None; expected an array of rank {ndim}")
-    x = jnp.asarray(x)
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(x.shape)}")
-    if floating and not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if ndim and x.shape[0] < min_rows:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}, at least {min_rows} row(s) needed")
-    if any(d == 0 for d in x.shape):
-        raise ValueError(f"{name} has an empty axis: shape {tuple(x.shape)}")
-    return x
-
-
-def check_same_dim(names: Sequence[str], *xs) -> None:
-    """All arrays share their last (embedding) dimension."""
-    dims = [x.shape[-1] for x in xs]
-    if len(set(dims)) != 1:
-        got = ", ".join(f"{n} {tuple(x.shape)}" for n, x in zip(names, xs))
-        raise ValueError(f"embedding dimensions differ ({got}); the last axes must match")
-
-
-def check_finite(name: str, x) -> None:
-    """Raise if a concrete array holds NaN or inf; does nothing for tracers."""
-    if not is_concrete(x):
-        return
-    finite = np.asarray(jnp.isfinite(x))
-    if not finite.all():
-        bad = np.argwhere(~finite)
-        raise ValueError(
-            f"{name} holds {len(bad)} NaN/inf value(s) (first at index {tuple(int(i) for i in bad[0])}); "
-            "scores need finite features")
-
-
-def check_unique_rows(name: str, x) -> None:
-    """Raise if a concrete [K, D] label-embedding matrix has exactly repeated rows (duplicate labels)."""
-    if not is_concrete(x):
-        return
-    rows = np.asarray(x)
-    _, first, counts = np.unique(rows, axis=0, return_index=True, return_counts=True)
-    if (counts > 1).any():
-        dup = int(first[np.argmax(counts > 1)])
-        same = np.flatnonzero((rows == rows[dup]).all(axis=1)).tolist()
-        raise ValueError(f"{name} has duplicate label embeddings: rows {same[:5]} are identical; "
-                         "remove duplicate class names or prompts")
-
-
-def check_temperature(name: str, t) -> None:
-    """A temperature must be a positive finite Python/NumPy scalar (or a traced scalar)."""
-    if is_concrete(t):
-        t = np.asarray(t)
-        if t.ndim != 0 or not np.isfinite(t) or t <= 0:
-            raise ValueError(f"{name} must be a positive finite scalar, got {t!r}")
-
-
 # ----------------------------------------------------------------------------- kernels
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """Divide by the L2 norm along `axis` (norm clamped at `eps`, like `torch.nn.functional.normalize`)."""
-    x = jnp.asarray(x)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
-
-
-def cosine_similarity(image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
+def cosine_similarity(image_emb: jax.Array, text_emb: jax.Array, *, validate: bool = True) -> jax.Array:
     """Cosine similarities `[..., K]` between image embeddings `[..., D]` and label embeddings `[K, D]`.
 
     Both are L2-normalised here, so raw or normalised embeddings give the same result.
+    `validate` checks concrete inputs for NaN/inf and all-zero rows (`clipjax.checks`).
     """
-    return jnp.einsum("...d,kd->...k", l2_normalize(image_emb), l2_normalize(text_emb))
+    image_emb = jnp.asarray(image_emb)
+    text_emb = checks.array("text_emb", text_emb, "[K, D]")
+    checks.same_dim(image_emb=image_emb, text_emb=text_emb)
+    checks.nonzero_rows("image_emb", image_emb, validate=validate)
+    checks.nonzero_rows("text_emb", text_emb, validate=validate)
+    return jnp.einsum("...d,kd->...k", checks.l2_normalize(image_emb), checks.l2_normalize(text_emb))
 
 
 def _max_softmax(logits: jax.Array, temperature) -> jax.Array:
@@ -143,19 +72,18 @@ def _energy(logits, temperature):
 
 @jax.jit
 def _mcm(image_emb, text_emb, temperature):
-    return _max_softmax(cosine_similarity(image_emb, text_emb), temperature)
+    return _max_softmax(cosine_similarity(image_emb, text_emb, validate=False), temperature)
 
 
 @jax.jit
 def _local_mcm(local_emb, text_emb, temperature):
-    per_patch = _max_softmax(cosine_similarity(local_emb, text_emb), temperature)  # [B, P]
+    per_patch = _max_softmax(cosine_similarity(local_emb, text_emb, validate=False), temperature)  # [B, P]
     return jnp.max(per_patch, axis=-1)
 
 
 def _check_logits(logits, validate: bool) -> jax.Array:
-    logits = check_array("logits", logits, 2)
-    if validate:
-        check_finite("logits", logits)
+    logits = checks.array("logits", logits, "[B, K]")
+    checks.finite("logits", logits, validate=validate)
     return logits
 
 
@@ -171,7 +99,7 @@ def msp(logits: jax.Array, temperature: float = 1.0, *, validate: bool = True) -
       `[B]` ID-ness scores in (1/K, 1].
     """
     logits = _check_logits(logits, validate)
-    check_temperature("temperature", temperature)
+    checks.positive_scalar("temperature", temperature)
     return _msp(logits, temperature)
 
 
@@ -192,18 +120,17 @@ def energy(logits: jax.Array, temperature: float = 1.0, *, validate: bool = True
       `[B]` scores; pytorch-ood's `EnergyBased.score` returns the negation.
     """
     logits = _check_logits(logits, validate)
-    check_temperature("temperature", temperature)
+    checks.positive_scalar("temperature", temperature)
     return _energy(logits, temperature)
 
 
-def _check_embeddings(image_name, image_emb, image_ndim, text_emb, validate):
-    image_emb = check_array(image_name, image_emb, image_ndim)
-    text_emb = check_array("text_emb", text_emb, 2)
-    check_same_dim((image_name, "text_emb"), image_emb, text_emb)
-    if validate:
-        check_finite(image_name, image_emb)
-        check_finite("text_emb", text_emb)
-        check_unique_rows("text_emb", text_emb)
+def _check_embeddings(image_name, image_emb, image_shape, text_emb, validate):
+    image_emb = checks.array(image_name, image_emb, image_shape)
+    text_emb = checks.array("text_emb", text_emb, "[K, D]")
+    checks.same_dim(**{image_name: image_emb, "text_emb": text_emb})
+    checks.nonzero_rows(image_name, image_emb, validate=validate)
+    checks.nonzero_rows("text_emb", text_emb, validate=validate)
+    checks.unique_rows("text_emb", text_emb, validate=validate)
     return image_emb, text_emb
 
 
@@ -216,13 +143,13 @@ def mcm(image_emb: jax.Array, text_emb: jax.Array, temperature: float = 1.0, *,
       text_emb: `[K, D]` ID label embeddings, e.g. of "a photo of a {c}" (normalised here).
       temperature: T > 0 dividing the cosines; the paper uses T = 1. (pytorch-ood 0.4's `MCM`
         also divides; older releases multiplied with a default of 100.)
-      validate: check concrete inputs for NaN/inf and duplicate label rows.
+      validate: check concrete inputs for NaN/inf, all-zero rows and duplicate label rows.
 
     Returns:
       `[B]` ID-ness scores in (1/K, 1].
     """
-    image_emb, text_emb = _check_embeddings("image_emb", image_emb, 2, text_emb, validate)
-    check_temperature("temperature", temperature)
+    image_emb, text_emb = _check_embeddings("image_emb", image_emb, "[B, D]", text_emb, validate)
+    checks.positive_scalar("temperature", temperature)
     return _mcm(image_emb, text_emb, temperature)
 
 
@@ -237,8 +164,8 @@ def local_mcm(local_emb: jax.Array, text_emb: jax.Array, temperature: float = 1.
     Returns:
       `[B]` scores.
     """
-    local_emb, text_emb = _check_embeddings("local_emb", local_emb, 3, text_emb, validate)
-    check_temperature("temperature", temperature)
+    local_emb, text_emb = _check_embeddings("local_emb", local_emb, "[B, P, D]", text_emb, validate)
+    checks.positive_scalar("temperature", temperature)
     return _local_mcm(local_emb, text_emb, temperature)
 
 
@@ -256,15 +183,12 @@ def gl_mcm(global_emb: jax.Array, local_emb: jax.Array, text_emb: jax.Array, tem
     Returns:
       `[B]` scores in (1/K * (1 + lambda), 1 + lambda].
     """
-    global_emb, text_emb = _check_embeddings("global_emb", global_emb, 2, text_emb, validate)
-    local_emb = check_array("local_emb", local_emb, 3)
-    check_same_dim(("global_emb", "local_emb"), global_emb, local_emb)
-    if local_emb.shape[0] != global_emb.shape[0]:
-        raise ValueError(f"global_emb has {global_emb.shape[0]} images but local_emb has "
-                         f"{local_emb.shape[0]}; they must come from the same images")
-    if validate:
-        check_finite("local_emb", local_emb)
-    check_temperature("temperature", temperature)
+    global_emb, text_emb = _check_embeddings("global_emb", global_emb, "[B, D]", text_emb, validate)
+    local_emb = checks.array("local_emb", local_emb, "[B, P, D]")
+    checks.same_dim(global_emb=global_emb, local_emb=local_emb)
+    checks.same_len(global_emb=global_emb, local_emb=local_emb)  # patches of the same images
+    checks.nonzero_rows("local_emb", local_emb, validate=validate)
+    checks.positive_scalar("temperature", temperature)
     return _gl_mcm(global_emb, local_emb, text_emb, temperature, lambda_local)
 
 
