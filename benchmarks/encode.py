@@ -1,10 +1,13 @@
 """Encoder throughput: clipjax vs open_clip (PyTorch), same architecture, batch and inputs, one run.
 
-Prints a table (images/s, texts/s, ratio clipjax / PyTorch) and writes JSON under
-benchmarks/results/. On CPU both run fp32; with a GPU present both also run bf16
-(clipjax compute dtype bf16; torch autocast bf16).
+Interleaved rounds (clipjax, torch, clipjax, torch, ...): these machines drift by 30% within a
+minute, so each round's ratio (torch time / clipjax time; > 1 means clipjax is faster) is taken
+against the torch call next to it, and the table quotes the median with min and max.
+`--variant MODULE:FUNCTION` also times an alternative `Attention.__call__` (e.g. an experiment in a
+scratch file) compiled in the same process, interleaved with the rest, to measure a change before
+making it. On CPU both libraries run fp32; with a GPU both also run bf16 (torch autocast bf16).
 
-Usage: python benchmarks/encode.py [--arch ViT-B-32] [--batch 32] [--iters 10] [--out FILE]
+Usage: python benchmarks/encode.py [--arch ViT-B-32] [--batch 32] [--rounds 7] [--variant M:F] [--out FILE]
 """
 
 from __future__ import annotations
@@ -17,23 +20,24 @@ import time
 import numpy as np
 
 
-def _time(fn, iters: int, warmup: int = 2) -> float:
-    """Median seconds per call of `fn` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _summary(ours: list[float], theirs: list[float]) -> dict:
+    ratios = [b / a for a, b in zip(ours, theirs)]
+    return {"clipjax_ms": 1e3 * float(np.median(ours)), "ratio_median": float(np.median(ratios)),
+            "ratio_min": float(min(ratios)), "ratio_max": float(max(ratios))}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="ViT-B-32")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--variant", help="MODULE:FUNCTION, an alternative clipjax Attention.__call__ to time too")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -43,10 +47,17 @@ def main(argv=None) -> dict:
     import torch
 
     import clipjax
-    from clipjax.convert.core import state_dict_to_pure
+    from clipjax import layers
     from clipjax.checkpoint import pure_to_params
+    from clipjax.convert.core import state_dict_to_pure
     from clipjax.models import clip as F
 
+    variant = None
+    if args.variant:
+        import importlib
+
+        module, name = args.variant.split(":")
+        variant = getattr(importlib.import_module(module), name)
     gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
     torch.manual_seed(0)
@@ -70,7 +81,15 @@ def main(argv=None) -> dict:
         c = cfg.replace(dtype=dtype)
         for tower, jfn, jx, tfn, tx in (("image", F.encode_image, j_pix, ref.encode_image, t_pix),
                                         ("text", F.encode_text, j_ids, ref.encode_text, t_ids)):
-            tj = _time(lambda: jfn(params, jx, config=c).block_until_ready(), args.iters)
+            ours = jax.jit(lambda p, x, jfn=jfn: jfn(p, x, config=c))
+            other = jax.jit(lambda p, x, jfn=jfn: jfn(p, x, config=c))
+            if variant is not None:
+                current = layers.Attention.__call__
+                layers.Attention.__call__ = variant  # traced (and compiled) with the variant
+                try:
+                    other(params, jx).block_until_ready()
+                finally:
+                    layers.Attention.__call__ = current
 
             def run_torch():
                 with torch.inference_mode(), torch.autocast(dev, dtype=autocast, enabled=autocast is not None):
@@ -79,15 +98,39 @@ def main(argv=None) -> dict:
                     torch.cuda.synchronize()
                 return out
 
-            tt = _time(run_torch, args.iters)
-            rows.append(dict(tower=tower, dtype=dtype, batch=args.batch, clipjax_per_s=args.batch / tj,
-                             torch_per_s=args.batch / tt, ratio=tt / tj, clipjax_ms=tj * 1e3, torch_ms=tt * 1e3))
+            fns = {"clipjax": lambda: ours(params, jx).block_until_ready(), "torch": run_torch}
+            if variant is not None:
+                fns["variant"] = lambda: other(params, jx).block_until_ready()
+            for fn in fns.values():  # warm-up
+                fn()
+            times = {k: [] for k in ("clipjax", "torch_a", "variant", "torch_b")}
+            for _ in range(args.rounds):
+                times["clipjax"].append(_timed(fns["clipjax"]))
+                times["torch_a"].append(_timed(fns["torch"]))
+                if variant is not None:
+                    times["variant"].append(_timed(fns["variant"]))
+                    times["torch_b"].append(_timed(fns["torch"]))
+            row = dict(tower=tower, dtype=dtype, batch=args.batch, rounds=args.rounds,
+                       torch_ms=1e3 * float(np.median(times["torch_a"] + times["torch_b"])),
+                       clipjax=_summary(times["clipjax"], times["torch_a"]))
+            if variant is not None:
+                row["variant"] = dict(_summary(times["variant"], times["torch_b"]), name=args.variant,
+                                      max_abs_diff=float(jnp.abs(other(params, jx) - ours(params, jx)).max()))
+            rows.append(row)
 
     print(f"{args.arch}, batch {args.batch}, {'GPU ' + jax.devices()[0].device_kind if gpu else 'CPU'}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"{'tower':<7}{'dtype':<10}{'clipjax /s':>12}{'torch /s':>12}{'ratio':>8}")
+          f"torch threads {torch.get_num_threads()}; ratio = torch time / clipjax time, median [min, max] of "
+          f"{args.rounds} interleaved rounds")
+    print(f"{'tower':<7}{'dtype':<10}{'torch ms':>9}{'clipjax ms':>11}{'ratio':>22}"
+          + (f"{'variant ms':>11}{'ratio':>22}" if variant is not None else ""))
     for r in rows:
-        print(f"{r['tower']:<7}{r['dtype']:<10}{r['clipjax_per_s']:12.1f}{r['torch_per_s']:12.1f}{r['ratio']:8.2f}")
+        line = f"{r['tower']:<7}{r['dtype']:<10}{r['torch_ms']:9.0f}"
+        for key in ("clipjax", "variant"):
+            if key in r:
+                x = r[key]
+                line += (f"{x['clipjax_ms']:11.0f}{x['ratio_median']:10.2f} [{x['ratio_min']:.2f}, "
+                         f"{x['ratio_max']:.2f}]")
+        print(line)
 
     from common import machine_info
 
