@@ -28,3 +28,21 @@ def tiny_checkpoint(folder: str) -> str:
                       text=dataclasses.replace(cfg.text, width=32, heads=2, layers=1, mlp_dim=64))
     save(folder, cfg, init_params(cfg, seed=0))
     return folder
+
+
+def randomise_norms(model):
+    """Random LayerNorm/BatchNorm affine params, BN statistics and LayerScale gammas of a torch model, in
+    place: the defaults (1, 0) would hide mapping bugs."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
+            if type(m).__name__ == "LayerScale":
+                m.gamma.copy_(0.5 + 0.5 * torch.rand(m.gamma.shape, generator=g))

@@ -20,7 +20,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_scaled
+from helpers import assert_close_scaled, randomise_norms
 
 from clipjax.config import CLIPConfig, ConfigError
 from clipjax.convert.api import load_pytorch
@@ -65,14 +65,7 @@ def _build(d: dict) -> torch.nn.Module:
     kind = open_clip.CoCa if "multimodal_cfg" in d else (open_clip.CustomTextCLIP if d.get("custom_text")
                                                          else open_clip.CLIP)
     model = kind(**kw).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-trivial LayerNorms and LayerScale gammas, so a swapped key shows
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            if type(m).__name__ == "LayerScale":
-                m.gamma.copy_(0.5 + 0.5 * torch.rand(m.gamma.shape, generator=g))
+    randomise_norms(model)  # non-trivial LayerNorms and LayerScale gammas, so a swapped key shows
     return model
 
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.parity
 import torch
 import open_clip
 
-from helpers import assert_close_scaled  # noqa: E402
+from helpers import assert_close_scaled, randomise_norms  # noqa: E402
 
 import clipjax  # noqa: E402
 from clipjax.cli import main as cli  # noqa: E402
@@ -34,16 +34,9 @@ CASES = [
 
 
 def _randomise_norms(model):
-    """Random LayerNorm/BatchNorm affine params and BN statistics: defaults (1, 0) hide mapping bugs."""
-    g = torch.Generator().manual_seed(1)
+    """Random norms (`helpers.randomise_norms`) and logit scale / bias."""
+    randomise_norms(model)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
         if getattr(model, "logit_bias", None) is not None:
             model.logit_bias.fill_(-7.5)
         model.logit_scale.fill_(2.0)

@@ -26,7 +26,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from helpers import assert_close_scaled
+from helpers import assert_close_scaled, randomise_norms
 
 import clipjax
 from clipjax.config import CLIPConfig, ConfigError, TextConfig, VisionConfig
@@ -273,24 +273,11 @@ _i18n.update(embed_dim=768, vision_cfg=dict(_i18n["vision_cfg"], timm_model_name
                                             image_size=224))
 _i18n["text_cfg"].update(width=768, heads=12, layers=2, mlp_ratio=4.0, vocab_size=1000)
 REDUCED["SigLIP-i18n-noproj"] = _i18n
-REDUCED["ViT-M-16-alt"] = _shrink("ViT-M-16-alt")  # LayerScale (random gammas: `_randomise`)
+REDUCED["ViT-M-16-alt"] = _shrink("ViT-M-16-alt")  # LayerScale (random gammas: `randomise_norms`)
 # CoCa's contrastive towers (attentional pooler, appended class token), a small captioning decoder (ignored)
 REDUCED["coca_ViT-B-32"] = dict(_shrink("coca_ViT-B-32"), multimodal_cfg=dict(
     open_clip.get_model_config("coca_ViT-B-32")["multimodal_cfg"], layers=1, width=128, heads=2))
 
-
-def _randomise(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
-            if type(m).__name__ == "LayerScale":
-                m.gamma.copy_(0.5 + 0.5 * torch.rand(m.gamma.shape, generator=g))
 
 
 @pytest.mark.parametrize("case", sorted(REDUCED))
@@ -300,7 +287,7 @@ def test_reduced_configs_match_open_clip(case, tmp_path, photos):
     kind = (open_clip.CoCa if "multimodal_cfg" in d else
             open_clip.CustomTextCLIP if d.get("custom_text") else open_clip.CLIP)
     model = kind(**{k: v for k, v in d.items() if k != "custom_text"}).eval()
-    _randomise(model)
+    randomise_norms(model)
     path = tmp_path / "open_clip.json"
     path.write_text(json.dumps(d))
     from safetensors.torch import save_file
