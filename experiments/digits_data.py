@@ -183,6 +183,8 @@ class CaptionedDigits:
         images = shift(self.images[idx], rng, self.max_shift)
         return {"image": to_rgb(images, self.image_size), "text": text}
 
+    state_is_global = True  # the order's global batch index: resumes with any process count
+
     @property
     def epoch(self) -> float:
         return self.order.epoch

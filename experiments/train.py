@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # top-level config keys that belong to this script; every other one is a TrainConfig field
 SCRIPT_KEYS = ("model", "init_from", "init_towers", "mesh", "data", "report", "wise_ft_alpha")
-DATA_SOURCES = ("digits", "arrays")
+DATA_SOURCES = ("digits", "arrays", "files")
 
 
 class DataSourceError(ValueError):
@@ -140,6 +140,8 @@ def build_data(data_cfg: dict, model_cfg, tc) -> Source:
         return Source(train=src.train, eval_fn=src.eval_fn, report=src.report)
     if name == "arrays":
         return _arrays_source(data_cfg, model_cfg, tc)
+    if name == "files":
+        return _files_source(data_cfg, model_cfg, tc)
     raise DataSourceError(f"data source {name!r} (config data.name) is not provided by experiments/train.py; "
                           f"available: {', '.join(DATA_SOURCES)}")
 
@@ -166,6 +168,32 @@ def _arrays_source(data_cfg: dict, model_cfg, tc) -> Source:
         arrays["text"] = tok([str(c) for c in arrays.pop("caption")])
     arrays = {"image": arrays["image"], "text": arrays["text"].astype(np.int32)}
     return Source(train=ArrayBatches(arrays, tc.batch_size, seed=tc.seed))
+
+
+def _files_source(data_cfg: dict, model_cfg, tc) -> Source:
+    """`data.source`: tar shards, a CSV/TSV/JSONL table or `tfds:NAME[:SPLIT]` through `clipjax.data.make_batches`;
+    the other `data.*` keys are `clipjax.data.DataConfig` fields (`augment` a dict of `AugmentConfig` fields),
+    plus `tokenizer`: a tokenizer folder (needed for SigLIP vocabularies; default OpenAI's BPE)."""
+    from clipjax.data import DataConfig, make_batches
+    from clipjax.data.transforms import AugmentConfig
+    from clipjax.tokenizer import Tokenizer
+
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    extra = sorted(set(data_cfg) - fields - {"name", "tokenizer"})
+    if extra:
+        raise DataSourceError(f"unknown data keys {extra} for data source 'files'; expected name, tokenizer and "
+                              f"clipjax.data.DataConfig fields {sorted(fields)}")
+    kw = {k: v for k, v in data_cfg.items() if k in fields}
+    if not kw.get("source"):
+        raise DataSourceError("data source 'files' needs data.source (shard pattern, .csv/.tsv/.jsonl or tfds:NAME)")
+    if isinstance(kw.get("augment"), dict):
+        kw["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw["augment"].items()})
+    L = model_cfg.text.context_length
+    tok = (Tokenizer.from_folder(data_cfg["tokenizer"], context_length=L) if data_cfg.get("tokenizer")
+           else Tokenizer.openai(context_length=L))
+    batches = make_batches(DataConfig(**kw), image_size=model_cfg.vision.image_size, tokenizer=tok,
+                           batch_size=tc.batch_size, seed=tc.seed, resize_mode=model_cfg.preprocess.resize_mode)
+    return Source(train=batches)
 
 
 # ----------------------------------------------------------------------------- the run

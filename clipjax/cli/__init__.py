@@ -1,5 +1,5 @@
 """`clipjax` command line (this package): convert, export, info here; eval / score in `evaluate`, ood in
-`ood`; `inputs` holds the encoder and the image / caption / tfds readers they share.
+`ood`, curate (MetaCLIP) in `curate`, data convert in `data`; `inputs` holds the encoder and the image / caption / tfds readers they share.
 
     clipjax convert SRC OUT [--arch NAME | --config FILE] [--tokenizer DIR] [--overwrite]
     clipjax export MODEL_DIR OUT [--format hf|open_clip] [--name NAME] [--overwrite]
@@ -17,7 +17,7 @@ from clipjax.convert.errors import ConversionError
 from clipjax.config import ConfigError
 
 # sub-command modules that add themselves with `register(subparsers)`
-COMMANDS = ("clipjax.cli.evaluate", "clipjax.cli.ood")
+COMMANDS = ("clipjax.cli.evaluate", "clipjax.cli.ood", "clipjax.cli.curate", "clipjax.cli.data")
 
 
 def _convert(args) -> int:

@@ -17,6 +17,9 @@ import numpy as np
 class ArrayBatches:
     """Endless per-process batches `{key: [B / process_count, ...]}` from equal-length arrays.
 
+    Its state (the next global batch) is the same on every process, so a run resumes with any
+    process count (`state_is_global`).
+
     Args:
       arrays: name -> array with a common leading size N (e.g. `image` uint8 `[N, H, W, 3]`,
         `text` int32 `[N, L]`).
@@ -44,6 +47,8 @@ class ArrayBatches:
             order = order.shuffle(seed=seed)
         self._order = order.repeat(None)
         self._next = 0
+
+    state_is_global = True
 
     def __iter__(self):
         return self

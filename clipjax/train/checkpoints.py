@@ -4,7 +4,10 @@ Each step folder holds four items:
   params/   the full model state (Params and BatchNorm statistics) in the same layout as a
             converted checkpoint's `params/`, so `clipjax.load(WORKDIR)` reads the latest one;
   train/    step, RNG key, optimizer state (as its flattened leaves) and the EMA params;
-  data/     the data iterator's state (JSON);
+  data/     the data iterators' states (JSON; `gather_data_states`): every process's, so each
+            process resumes its own reader, and iterators whose state is global (the same on
+            every process, `state_is_global = True`, e.g. `clipjax.data.ArrayBatches`) resume with
+            any process count;
   meta/     the model and train configs (JSON).
 `WORKDIR/clipjax.json` names the model's architecture, as in a converted checkpoint folder.
 
@@ -71,6 +74,42 @@ def write_model_meta(workdir: str, model_config: CLIPConfig, train_config: dict)
     os.replace(tmp, path)
 
 
+def gather_data_states(iterator) -> dict:
+    """Every process's `iterator.get_state()` as one JSON-able dict (saved by process 0).
+
+    grain's own Orbax handler writes one file per process and cannot restore into another
+    process count; gathering the (small, host-side) states lets a global-state iterator resume
+    with any count and lets a mismatch be named instead of failing on a missing file.
+    """
+    state = json.dumps(iterator.get_state())
+    states = [state]
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        raw = np.frombuffer(state.encode("utf-8"), np.uint8)
+        sizes = multihost_utils.process_allgather(np.asarray([raw.size], np.int64)).reshape(-1)
+        padded = np.zeros(int(sizes.max()), np.uint8)
+        padded[:raw.size] = raw
+        every = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+        states = [bytes(row[:n]).decode("utf-8") for row, n in zip(every, sizes)]
+    return {"process_count": jax.process_count(), "global": bool(getattr(iterator, "state_is_global", False)),
+            "states": [json.loads(s) for s in states]}
+
+
+def local_data_state(saved: dict) -> dict:
+    """This process's iterator state from a `gather_data_states` dict (or an older single-state checkpoint)."""
+    if "states" not in saved:  # written before per-process states: ArrayBatches' global state
+        return saved
+    n, count = saved["process_count"], jax.process_count()
+    if n == count:
+        return saved["states"][jax.process_index()]
+    if saved["global"]:
+        return saved["states"][0]
+    raise WorkdirError(f"the data iterators' states were saved by {n} processes and this run has {count}: "
+                       f"a pipeline whose position is per process resumes only with {n} processes")
+
+
 def _opt_leaves(opt_state) -> dict:
     """Optimizer-state leaves keyed by their path (`1.mu.visual.proj.value`): a restore into a state
     of another structure fails by name instead of filling leaves by position."""
@@ -88,6 +127,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def save(self, state: TrainState, data_state: dict, meta: dict) -> None:
+        """`data_state`: `gather_data_states(iterator)` (called on every process at the same step)."""
         step = int(jax.device_get(state.step))
         model_state = nnx.merge_state(state.params, state.batch_stats)
         train = {"step": state.step, "rng": state.rng, "opt": _opt_leaves(state.opt_state)}
@@ -192,7 +232,7 @@ class Checkpointer:
             nnx.replace_by_pure_dict(ema, _like(tr["ema"], pure(abstract.ema)))
         state = TrainState(step=tr["step"], params=params, batch_stats=stats, opt_state=opt_state, ema=ema,
                            rng=tr["rng"])
-        return state, got["data"]
+        return state, local_data_state(got["data"])
 
 
 def _root_cause(e: BaseException, limit: int = 400) -> str:

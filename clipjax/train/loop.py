@@ -24,9 +24,9 @@ process 0 writes logs and metadata (Orbax coordinates the checkpoint writes; eve
 save). SIGTERM may reach one process only or all at different times: before each step the
 processes OR their flags with a one-scalar all-gather, so all of them stop at the same step and
 save it together instead of leaving the others blocked in the next step's collectives. Only the
-data-iterator state of process 0 is saved (Orbax writes JSON items from the primary host):
-iterators whose state is the global batch position, like `clipjax.data.ArrayBatches`, are the
-same on every process.
+data-iterator states of all processes are gathered into the checkpoint (`checkpoints.gather_data_states`):
+each process resumes its own reader; iterators whose state is global (`clipjax.data.ArrayBatches`)
+also resume with another process count.
 """
 
 from __future__ import annotations
@@ -94,8 +94,12 @@ def check_batch(batch: dict, model_config: CLIPConfig, local_batch: int, loss: s
                              f"[{local_batch}, <= {txt.shape[1]}] token ids")
 
 
+MODEL_KEYS = ("image", "text", "short_text")  # batch keys the step reads; others (e.g. `__key__`) stay on the host
+
+
 def global_batch(local: dict, mesh: Mesh | None) -> dict:
     """This process's rows -> global arrays sharded over the batch axes (no host gather)."""
+    local = {k: v for k, v in local.items() if k in MODEL_KEYS}
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in local.items()}
     out = {}
@@ -252,6 +256,8 @@ def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, teac
                 row["data_wait_frac"] = window_wait / elapsed
                 row["mfu"] = flops / row["step_seconds"] / peak if flops else float("nan")
                 row["epoch"] = getattr(data, "epoch", float("nan"))
+                if hasattr(data, "bad_counts"):  # examples skipped as bad (this process's), by kind
+                    row.update({f"data/{k}": float(v) for k, v in data.bad_counts().items()})
                 writer.write(step, row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_sec']:.0f}",
@@ -260,11 +266,11 @@ def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, teac
             if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
                 writer.write(step, {f"eval/{k}": v for k, v in eval_fn(state.model_state).items()})
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
-                ckpt.save(state, data.get_state(), meta)
+                ckpt.save(state, C.gather_data_states(data), meta)
                 last_saved = step
         train_seconds = time.perf_counter() - run_start
         if stopped == "preempted" and cfg.checkpoint_every and step != last_saved:
-            ckpt.save(state, data.get_state(), meta)
+            ckpt.save(state, C.gather_data_states(data), meta)
     return TrainResult(state=state, step=step, stopped=stopped, train_seconds=train_seconds,
                        samples_per_sec=run_steps * cfg.batch_size / max(train_seconds, 1e-9),
                        metrics={k: float(v) for k, v in jax.device_get(metrics).items()} if metrics else {})
