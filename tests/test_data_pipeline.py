@@ -279,3 +279,13 @@ def test_trainer_runs_on_the_pipeline_saves_its_state_and_reports_bad_data(corpu
     reference.close(), restored.close()
     assert list(want["__key__"]) == list(got["__key__"])
     np.testing.assert_array_equal(want["image"], got["image"])
+
+
+def test_a_per_process_data_state_refuses_another_process_count():
+    from clipjax.train import checkpoints as C
+
+    saved = {"process_count": 2, "global": False, "states": [{"a": 0}, {"a": 1}]}
+    with pytest.raises(C.WorkdirError, match="saved by 2 processes and this run has 1"):
+        C.local_data_state(saved)
+    assert C.local_data_state(dict(saved, **{"global": True})) == {"a": 0}
+    assert C.local_data_state({"process_count": 1, "global": False, "states": [{"a": 5}]}) == {"a": 5}

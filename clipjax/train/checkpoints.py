@@ -163,6 +163,8 @@ class Checkpointer:
         for step in steps:
             try:
                 got = self._restore_step(step, abstract, shardings)
+            except WorkdirError:  # readable, but not resumable by this run (another process count): say so
+                raise
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
                 bad.append(step)
                 log(f"checkpoint at step {step} in {self.directory} cannot be restored "
