@@ -39,3 +39,15 @@ def machine_info(packages=(), argv=None) -> dict:
         "jax_devices": [str(d) for d in jax.devices()],
         "versions": versions,
     }
+
+
+def write_result(result: dict, name: str, out: str | None = None) -> str:
+    """Write a benchmark's result JSON to `out`, default `benchmarks/results/NAME`; print and return the path."""
+    import json
+
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+    return out

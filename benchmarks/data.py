@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import os
 import sys
 import time
@@ -179,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    from common import machine_info
+    from common import machine_info, write_result
 
     info = machine_info(("pillow", "simplejpeg", "tokenizers", "grain"), argv)
     result = {"benchmark": "data", "machine_info": info, "sections": {}}
@@ -187,12 +186,7 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         result["sections"][name] = SECTIONS[name](args)
         result["sections"][name]["wall_s"] = time.perf_counter() - t
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"data-{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    write_result(result, f"data-{datetime.date.today().isoformat()}.json", args.out)
     return result
 
 

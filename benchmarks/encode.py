@@ -13,8 +13,6 @@ Usage: python benchmarks/encode.py [--arch ViT-B-32] [--batch 32] [--rounds 7] [
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import numpy as np
@@ -132,16 +130,11 @@ def main(argv=None) -> dict:
                          f"{x['ratio_max']:.2f}]")
         print(line)
 
-    from common import machine_info
+    from common import machine_info, write_result
 
     result = dict(benchmark="encode", arch=args.arch, rows=rows, device=jax.devices()[0].device_kind,
                   machine=machine_info(("open_clip_torch",), argv))
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"encode-{args.arch}-{'gpu' if gpu else 'cpu'}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    write_result(result, f"encode-{args.arch}-{'gpu' if gpu else 'cpu'}.json", args.out)
     return result
 
 

@@ -15,9 +15,7 @@ Usage: python benchmarks/train_step.py [--arch ViT-B-32,ViT-B-16] [--batch 16] [
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 
 import numpy as np
@@ -186,16 +184,11 @@ def main(argv=None) -> dict:
               f"{r['ratio_median']:7.2f}  [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]   "
               f"{r['clipjax_samples_per_s']:9.1f}{mfu:>8}")
 
-    from common import machine_info
+    from common import machine_info, write_result
 
     result = dict(benchmark="train_step", rows=rows, device=device,
                   machine=machine_info(("open_clip_torch", "optax"), argv))
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"train_step-{'gpu' if gpu else 'cpu'}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    write_result(result, f"train_step-{'gpu' if gpu else 'cpu'}.json", args.out)
     return result
 
 
