@@ -159,7 +159,78 @@ def section_decode(args) -> dict:
             "tokenize_us_per_caption": tok_us, "rows": rows}
 
 
-SECTIONS = {"decode": section_decode}
+# ----------------------------------------------------------------------------- section: pipeline
+
+
+def section_pipeline(args) -> dict:
+    """Examples/s of the whole `clipjax.data` pipeline (tar shards -> decode + train transform +
+    tokenise -> batches) against grain worker count, and whether a train step would wait on it.
+
+    Shards: `--pipeline-shards` tar files of 64 real photos each at `--pipeline-side` px (JPEG q90).
+    Per round and worker count: a fresh pipeline, one warm-up batch (worker start-up excluded),
+    then `--pipeline-batches` timed batches; worker counts interleaved round by round. The step
+    comparison reads clipjax's full-step samples/s from benchmarks/results/train_step-*.json.
+    """
+    import glob
+    import tarfile
+    import tempfile
+
+    from clipjax.data import DataConfig, make_batches
+    from clipjax.tokenizer import Tokenizer
+
+    photos = list(real_photos().values())
+    tmp = tempfile.mkdtemp(prefix="clipjax-bench-data-")
+    for s in range(args.pipeline_shards):
+        with tarfile.open(os.path.join(tmp, f"{s:05d}.tar"), "w") as tar:
+            for i in range(64):
+                key = f"{s:05d}{i:04d}"
+                for ext, data in (("jpg", jpeg_at(photos[(s + i) % len(photos)], args.pipeline_side)),
+                                  ("txt", CAPTIONS[(s + i) % len(CAPTIONS)].encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    tok = Tokenizer.openai()
+    workers = args.pipeline_workers
+    times = {w: [] for w in workers}
+    batch = 32
+    for _ in range(args.pipeline_rounds):
+        for w in workers:
+            it = make_batches(DataConfig(source=os.path.join(tmp, "*.tar"), num_workers=w, shuffle_buffer=256),
+                              image_size=args.image_size, tokenizer=tok, batch_size=batch, seed=0)
+            next(it)
+            t = time.perf_counter()
+            for _ in range(args.pipeline_batches):
+                next(it)
+            times[w].append(time.perf_counter() - t)
+            it.close()
+    rate = {w: args.pipeline_batches * batch / float(np.median(ts)) for w, ts in times.items()}
+    step = {}
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                              "train_step-*.json"))):
+        import json
+
+        with open(path) as f:
+            for r in json.load(f)["rows"]:
+                if r.get("phase", "").startswith("full"):
+                    step[f"{os.path.basename(path)}:{r['arch']}:{r['dtype']}:b{r['batch']}"] = r["clipjax_samples_per_s"]
+    print(f"\npipeline: {args.pipeline_shards} shards x 64 JPEGs at {args.pipeline_side} px -> {args.image_size} px, "
+          f"batch {batch}, {os.cpu_count()} cores")
+    print(f"{'workers':>8} {'examples/s':>11} {'vs 0 workers':>22}")
+    out_rows = []
+    for w in workers:
+        s = _ratio_summary(times[workers[0]], times[w])
+        print(f"{w:>8} {rate[w]:11.0f} {s['median']:9.2f}x [{s['min']:.2f}, {s['max']:.2f}]")
+        out_rows.append({"workers": w, "examples_per_s": rate[w], "speedup_vs_first": s})
+    best = max(rate.values())
+    waits = {k: {"step_samples_per_s": v, "would_wait": v > best} for k, v in step.items()}
+    for k, v in waits.items():
+        print(f"train step {k}: {v['step_samples_per_s']:.1f} samples/s -> "
+              f"{'waits on data' if v['would_wait'] else 'data keeps up'} (pipeline best {best:.0f}/s)")
+    return {"shards": args.pipeline_shards, "side": args.pipeline_side, "batch": batch, "rows": out_rows,
+            "rounds": args.pipeline_rounds, "train_step_comparison": waits}
+
+
+SECTIONS = {"decode": section_decode, "pipeline": section_pipeline}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -172,6 +243,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768, 1024], help="JPEG longer sides, px")
     ap.add_argument("--image-size", type=int, default=224, help="train crop output side, px")
     ap.add_argument("--seconds-per-round", type=float, default=0.4, help="time per variant per round (decode)")
+    ap.add_argument("--pipeline-workers", type=int, nargs="+", default=[0, 1, 2], help="grain worker counts")
+    ap.add_argument("--pipeline-shards", type=int, default=4)
+    ap.add_argument("--pipeline-side", type=int, default=512, help="JPEG longer side of the pipeline's shards, px")
+    ap.add_argument("--pipeline-batches", type=int, default=6, help="timed batches of 32 per round")
+    ap.add_argument("--pipeline-rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     return ap
 

@@ -272,8 +272,12 @@ def run(config, workdir: str, *, progress: bool = True, log=None):
     log(f"model: {n_params / 1e6:.2f}M params; {tc.total_steps} steps of batch {tc.batch_size} ({tc.loss} loss) "
         f"in {workdir}; devices: {jax.device_count()} x {jax.devices()[0].platform}, "
         f"mesh {None if mesh is None else dict(mesh.shape)}")
-    result = train(mc, tc, workdir, source.train, mesh=mesh, model_state=model_state, eval_fn=source.eval_fn,
-                   progress=progress, log=log)
+    try:
+        result = train(mc, tc, workdir, source.train, mesh=mesh, model_state=model_state, eval_fn=source.eval_fn,
+                       progress=progress, log=log)
+    finally:
+        if hasattr(source.train, "close"):  # grain pipelines: stop their worker processes
+            source.train.close()
     if not result.metrics:
         log(f"{workdir} already holds the finished run (step {result.step}): nothing to train")
     else:

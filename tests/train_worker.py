@@ -89,6 +89,10 @@ class Hooked:
     def epoch(self):
         return self.inner.epoch
 
+    @property
+    def state_is_global(self):  # ArrayBatches' state: resumable with another process count
+        return self.inner.state_is_global
+
     def get_state(self):
         return self.inner.get_state()
 

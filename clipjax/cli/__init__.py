@@ -1,5 +1,5 @@
 """`clipjax` command line (this package): convert, export, info here; eval / score in `evaluate`, ood in
-`ood`, curate (MetaCLIP) in `curate`, data convert in `data`; `inputs` holds the encoder and the image / caption / tfds readers they share.
+`ood`, curate (MetaCLIP) in `curate`, data convert in `data`, embed in `embed`; `inputs` holds the encoder and the image / caption / tfds readers they share.
 
     clipjax convert SRC OUT [--arch NAME | --config FILE] [--tokenizer DIR] [--overwrite]
     clipjax export MODEL_DIR OUT [--format hf|open_clip] [--name NAME] [--overwrite]
@@ -15,9 +15,10 @@ import sys
 
 from clipjax.convert.errors import ConversionError
 from clipjax.config import ConfigError
+from clipjax.data.errors import DataError
 
 # sub-command modules that add themselves with `register(subparsers)`
-COMMANDS = ("clipjax.cli.evaluate", "clipjax.cli.ood", "clipjax.cli.curate", "clipjax.cli.data")
+COMMANDS = ("clipjax.cli.evaluate", "clipjax.cli.ood", "clipjax.cli.curate", "clipjax.cli.data", "clipjax.cli.embed")
 
 
 def _convert(args) -> int:
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConversionError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (ConversionError, ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"clipjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

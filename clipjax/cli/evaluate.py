@@ -7,6 +7,9 @@
     clipjax score cmmd      --model DIR --images FOLDER --reference-images FOLDER [--out JSON]
     clipjax score vendi     --model DIR [--images FOLDER] [--captions FILE] [--q 0.5,1,2,inf]
 
+cmmd, vendi and ood take a `clipjax embed` output folder wherever they take an image folder, and
+use its stored image embeddings (made with the same --model).
+
 `eval` reads tensorflow-datasets data sets prepared under `--data-dir` (default
 `$TFDS_DATA_DIR`) through `tfds.data_source` (ArrayRecord; no TensorFlow needed).
 Captions files hold one caption per line (paired with the images of the folder in
@@ -23,8 +26,8 @@ import sys
 
 import numpy as np
 
-from clipjax.cli.inputs import (Encoder, captions_of, emit, examples, field, image_files, open_images,
-                                pair_captions, read_captions, tfds_source)
+from clipjax.cli.inputs import (Encoder, captions_of, embedded_images, emit, examples, field, image_files,
+                                open_images, pair_captions, read_captions, tfds_source)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -148,12 +151,18 @@ def score_clipscore(args) -> int:
 def score_cmmd(args) -> int:
     from clipjax import metrics
 
-    a, b = image_files(args.images), image_files(args.reference_images)
-    enc = Encoder(args.model, args.batch_size, not args.no_progress)
-    x = enc.images(len(a), open_images(args.images, a))
-    y = enc.images(len(b), open_images(args.reference_images, b))
+    enc = None
+    sets = []
+    for folder in (args.images, args.reference_images):
+        emb = embedded_images(folder, args.model)  # a `clipjax embed` folder: its stored vectors
+        if emb is None:
+            enc = enc or Encoder(args.model, args.batch_size, not args.no_progress)
+            files = image_files(folder)
+            emb = enc.images(len(files), open_images(folder, files))
+        sets.append(emb)
+    x, y = sets
     value = float(metrics.cmmd(x, y))
-    return emit({"model": os.path.abspath(args.model), "num_images": len(a), "num_reference_images": len(b),
+    return emit({"model": os.path.abspath(args.model), "num_images": len(x), "num_reference_images": len(y),
                   "cmmd": value}, args.out)
 
 
@@ -174,8 +183,10 @@ def score_vendi(args) -> int:
     result = {"model": os.path.abspath(args.model)}
     sets = {}
     if args.images:
-        files = image_files(args.images)
-        sets["images"] = enc.images(len(files), open_images(args.images, files))
+        sets["images"] = embedded_images(args.images, args.model)  # a `clipjax embed` folder: its vectors
+        if sets["images"] is None:
+            files = image_files(args.images)
+            sets["images"] = enc.images(len(files), open_images(args.images, files))
     if args.captions:
         sets["captions"] = enc.texts([c["caption"] for c in read_captions(args.captions)])
     for name, emb in sets.items():

@@ -80,6 +80,24 @@ class Encoder:
 # ----------------------------------------------------------------------------- inputs
 
 
+def embedded_images(folder: str | None, model_dir: str, limit: int | None = None) -> np.ndarray | None:
+    """The image embeddings `[N, E]` of a `clipjax embed` output folder (None for any other folder).
+
+    Refuses a folder embedded with another model than `model_dir`: its vectors would not live in
+    the same space as the model's text embeddings.
+    """
+    if not folder or not os.path.exists(os.path.join(folder, "embed.json")):
+        return None
+    from clipjax.cli.embed import read_embeddings
+
+    with open(os.path.join(folder, "embed.json")) as f:
+        made_with = json.load(f).get("model")
+    if made_with != os.path.abspath(model_dir):
+        raise ValueError(f"{folder} holds embeddings of {made_with}, not of --model {os.path.abspath(model_dir)}")
+    emb = read_embeddings(folder, "image")[1]
+    return emb[:limit] if limit else emb
+
+
 def tfds_source(name: str, split: str, data_dir: str | None):
     try:
         import tensorflow_datasets as tfds

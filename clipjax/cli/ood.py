@@ -24,7 +24,8 @@ import os
 
 import numpy as np
 
-from clipjax.cli.inputs import Encoder, emit, examples, field, image_files, open_images, tfds_source
+from clipjax.cli.inputs import (Encoder, embedded_images, emit, examples, field, image_files, open_images,
+                                tfds_source)
 
 SCORES = ("mcm", "glmcm", "energy", "msp", "maxlogit", "neglabel", "adaneg", "adaneg-sample")
 NEGLABEL_SCORES = ("neglabel", "adaneg", "adaneg-sample")
@@ -107,6 +108,19 @@ def _source(args, which: str):
     return _tfds_source(dataset, getattr(args, f"{which}_split"), args.data_dir, args.image_key, args.limit)
 
 
+def _embedded(enc: _OODEncoder, args, which: str, dense: bool):
+    """(count, [N, E] embeddings, [N, P, E] patch embeddings or None, info) of the ID or OOD images."""
+    folder = getattr(args, f"{which}_images")
+    stored = embedded_images(folder, args.model, args.limit)  # a `clipjax embed` folder
+    if stored is not None:
+        if dense:
+            raise ValueError(f"--{which}-images {folder} holds global embeddings only; glmcm needs patch "
+                             "embeddings: give the image folder itself")
+        return len(stored), stored, None, {"embeddings": os.path.abspath(folder)}
+    n, get, info = _source(args, which)
+    return (n, *enc.images(n, get, dense), info)
+
+
 def _negatives(enc: _OODEncoder, args, id_names: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
     """ID embeddings with NegLabel's prompt and the mined negative label embeddings."""
     from clipjax import ood
@@ -169,12 +183,10 @@ def run_ood(args) -> int:
         raise ValueError(f"--tpr must be in (0, 1], got {args.tpr}")
     if "{}" not in args.template:
         raise ValueError(f"--template must contain '{{}}' for the class name, got {args.template!r}")
-    id_n, id_get, id_info = _source(args, "id")
-    ood_n, ood_get, ood_info = _source(args, "ood")
     enc = _OODEncoder(args.model, args.batch_size, not args.no_progress)
     dense = "glmcm" in scores
-    id_x, id_local = enc.images(id_n, id_get, dense)
-    ood_x, ood_local = enc.images(ood_n, ood_get, dense)
+    (id_n, id_x, id_local, id_info), (ood_n, ood_x, ood_local, ood_info) = (
+        _embedded(enc, args, which, dense) for which in ("id", "ood"))
     ctx = {"images": np.concatenate([id_x, ood_x]), "text": enc.texts([args.template.format(c) for c in names]),
            "logit_scale": enc.model.logit_scale}
     if dense:
