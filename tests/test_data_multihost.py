@@ -62,3 +62,50 @@ def test_two_processes_read_disjoint_parts_and_gather_their_states(tmp_path):
         assert g["process_count"] == 2 and not g["global"]
         assert g["states"][o["process"]] == o["mine"]  # each process's own state, in process order
     assert outs[0]["gathered"] == outs[1]["gathered"]
+
+
+EMBED_WORKER = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
+                           initialization_timeout=120)
+from clipjax.cli.embed import embed
+print(json.dumps(embed(sys.argv[3], sys.argv[4], sys.argv[5], dtype="float32", batch_size=8, shard_size=8,
+                       progress=False)))
+"""
+
+
+def test_two_processes_embed_their_parts_of_a_source(tmp_path):
+    """`clipjax embed` in 2 processes: each writes its own shards; together they equal one process's run."""
+    import portpicker
+    from helpers import tiny_checkpoint
+
+    from clipjax.cli.embed import embed, read_embeddings
+
+    model = tiny_checkpoint(str(tmp_path / "model"))
+    rng = np.random.default_rng(1)
+    rows = 13
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for i in range(rows):
+            (tmp_path / f"{i}.png").write_bytes(image_bytes(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8), "PNG"))
+            f.write(json.dumps({"filepath": f"{i}.png", "title": f"picture {i}"}) + "\n")
+    source, out = str(tmp_path / "t.jsonl"), str(tmp_path / "two")
+    addr = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", EMBED_WORKER, addr, str(p), model, source, out],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for p in range(2)]
+    summaries = []
+    for proc in procs:
+        o, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        summaries.append(json.loads(o.strip().splitlines()[-1]))
+    assert sorted(s["rows"] for s in summaries) == [6, 7] and all(s["finished"] for s in summaries)
+    embed(model, source, str(tmp_path / "one"), dtype="float32", batch_size=8, shard_size=8, progress=False,
+          process_index=0, process_count=1)
+    for modality in ("image", "text"):
+        k2, e2 = read_embeddings(out, modality)
+        k1, e1 = read_embeddings(str(tmp_path / "one"), modality)
+        assert sorted(k2) == sorted(k1) == sorted(str(i) for i in range(rows))
+        by_key = dict(zip(k1, e1))
+        np.testing.assert_allclose(e2, np.stack([by_key[k] for k in k2]), rtol=0, atol=2e-6)

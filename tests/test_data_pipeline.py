@@ -242,6 +242,10 @@ def test_tfds_convert_and_read_back(corpus, tokenizer, tmp_path):
     assert keys == sorted(corpus["good"]) and counts == {"corrupt_image": 1, "good": len(corpus["good"])}
     with pytest.raises(FileExistsError, match="already holds data"):
         convert(corpus["shards"], str(tmp_path), "photos")
+    table = convert(os.path.join(corpus["root"], "table.tsv"), str(tmp_path), "table_photos")  # open_clip TSV
+    assert table["counts"] == {"missing_image": 1, "good": corpus["table_rows"] - 1}
+    batches, counts = read_all(DataConfig(source="tfds:table_photos", tfds_data_dir=str(tmp_path)), tokenizer)
+    assert sorted(int(k) for b in batches for k in b["__key__"]) == list(range(corpus["table_rows"] - 1))
 
 
 def test_trainer_runs_on_the_pipeline_saves_its_state_and_reports_bad_data(corpus, tokenizer, tmp_path):
@@ -289,3 +293,12 @@ def test_a_per_process_data_state_refuses_another_process_count():
         C.local_data_state(saved)
     assert C.local_data_state(dict(saved, **{"global": True})) == {"a": 0}
     assert C.local_data_state({"process_count": 1, "global": False, "states": [{"a": 5}]}) == {"a": 5}
+
+
+def test_keep_keys_reads_only_what_curation_kept(corpus, tokenizer, tmp_path):
+    kept = sorted(corpus["good"])[::3] + ["not-a-key"]
+    (tmp_path / "kept-00000-of-00002.txt").write_text("\n".join(kept[:4]) + "\n")
+    (tmp_path / "kept-00001-of-00002.txt").write_text("\n".join(kept[4:]) + "\n")
+    batches, counts = read_all(DataConfig(source=corpus["shards"], keep_keys=str(tmp_path)), tokenizer)
+    keys = sorted(k for b in batches for k in b["__key__"])
+    assert keys == sorted(corpus["good"])[::3] and counts["good"] == len(keys)
