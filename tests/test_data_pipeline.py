@@ -302,3 +302,24 @@ def test_keep_keys_reads_only_what_curation_kept(corpus, tokenizer, tmp_path):
     batches, counts = read_all(DataConfig(source=corpus["shards"], keep_keys=str(tmp_path)), tokenizer)
     keys = sorted(k for b in batches for k in b["__key__"])
     assert keys == sorted(corpus["good"])[::3] and counts["good"] == len(keys)
+
+
+def test_tfds_rows_laid_out_as_coco_captions(corpus, tokenizer):
+    """A prepared tfds image-text builder's rows (coco_captions' layout: undecoded `image` bytes,
+    nested `captions/text`, `image/id`), through `TfdsSource.record` and the pipeline's workers.
+    (Building such a dataset here needs TensorFlow, so the rows are given as the data source returns them.)"""
+    from clipjax.data.pipeline import _ToExample
+    from clipjax.data.tfds_source import TfdsSource
+
+    jpeg = image_bytes(photos()[0], quality=90)
+    rows = [{"image": jpeg, "image/id": 7, "captions": {"id": np.array([1, 2]),
+                                                         "text": np.array([b"a man in a suit", b"an astronaut"])}},
+            {"image": jpeg, "image/id": 8, "captions": {"id": np.array([], np.int64), "text": np.array([], object)}},
+            {"image": b"", "image/id": 9, "captions": {"id": np.array([3]), "text": np.array([b"x"])}}]
+    src = TfdsSource("coco_captions", "train", None, "image", "captions/text", "image/id")
+    object.__setattr__(src, "_cached", rows)
+    good, no_caption, no_image = (src.record(i) for i in range(3))
+    assert good["key"] == "7" and good["captions"] == ["a man in a suit", "an astronaut"] and good["image"] == jpeg
+    assert no_caption["bad"] == "missing_caption" and no_image["bad"] == "missing_image"
+    example = _ToExample(IMAGE, 0, False, False, None, None)(good)
+    assert example["caption"] == "a man in a suit" and example["image"].shape == (IMAGE, IMAGE, 3)

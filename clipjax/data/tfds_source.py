@@ -4,7 +4,7 @@ Reading (`tfds:NAME[:SPLIT]`, e.g. `tfds:coco_captions:train`, `tfds:laion_part:
 goes through `tfds.data_source` (ArrayRecord files, random access, no TensorFlow). Image features
 are read undecoded (`tfds.decode.SkipDecoding`) so the pipeline's own JPEG decode runs in its
 workers; a caption feature may be a string or a sequence of strings (several captions: LaCLIP
-sampling draws one per epoch). `TFDS_DATA_DIR` or `data_dir` says where prepared data lives.
+sampling draws one per epoch), nested features are written as paths (`captions/text`). `TFDS_DATA_DIR` or `data_dir` says where prepared data lives.
 
 Converting: `convert(source_spec, data_dir, name)` reads any tar-shard or table source
 (`clipjax.data.sources`) and writes the tfds dataset NAME (read back as `tfds:NAME`): features `image`
@@ -23,6 +23,23 @@ import numpy as np
 
 from clipjax.data import sources as S
 from clipjax.data.errors import DataError
+
+
+def _field(row: dict, name: str):
+    """`row[name]`, or a nested feature written as a path (`captions/text` in coco_captions)."""
+    if name in row:
+        return row[name]
+    value = row
+    for part in name.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(name)
+        value = value[part]
+    return value
+
+
+def _has_field(features: dict, name: str) -> bool:
+    head = name.split("/")[0]
+    return name in features or head in features
 
 
 def _text(v) -> str:
@@ -53,7 +70,7 @@ class TfdsSource:
         src = cls(name, split, data_dir or os.environ.get("TFDS_DATA_DIR"), image_key, caption_key, None)
         features = src._info_features()
         for k in (image_key, caption_key):
-            if k not in features:
+            if not _has_field(features, k):
                 raise DataError(f"tfds dataset {name!r} has no feature {k!r}; features: {sorted(features)} "
                                 "(set the image / caption keys of the data config)")
         key_feature = next((k for k in ("key", "__key__", "id", "image/id") if k in features), None)
@@ -95,10 +112,13 @@ class TfdsSource:
     def record(self, i: int) -> dict:
         row = self._data[i]
         key = _text(row[self.key_feature]) if self.key_feature else str(i)
-        caps = row[self.caption_key]
+        try:
+            caps = _field(row, self.caption_key)
+        except KeyError:
+            return S.bad_record(key, "missing_caption", f"tfds {self.name} row {i} has no {self.caption_key!r}")
         caps = [_text(caps)] if isinstance(caps, (bytes, str, np.bytes_)) else [_text(c) for c in np.ravel(caps)]
         caps = [c.strip() for c in caps if c.strip()]
-        image = row[self.image_key]
+        image = row.get(self.image_key)
         if isinstance(image, (bytes, np.bytes_)):
             image = bytes(image)
         if image is None or (isinstance(image, bytes) and not image):
