@@ -212,7 +212,8 @@ def section_pipeline(args) -> dict:
         with open(path) as f:
             for r in json.load(f)["rows"]:
                 if r.get("phase", "").startswith("full"):
-                    step[f"{os.path.basename(path)}:{r['arch']}:{r['dtype']}:b{r['batch']}"] = r["clipjax_samples_per_s"]
+                    name = f"{os.path.basename(path)}:{r['arch']}:{r['dtype']}:b{r['batch']}"
+                    step[name] = r["clipjax_samples_per_s"]
     print(f"\npipeline: {args.pipeline_shards} shards x 64 JPEGs at {args.pipeline_side} px -> {args.image_size} px, "
           f"batch {batch}, {os.cpu_count()} cores")
     print(f"{'workers':>8} {'examples/s':>11} {'vs 0 workers':>22}")

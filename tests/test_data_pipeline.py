@@ -196,8 +196,8 @@ import json, sys
 from clipjax.data import DataConfig, make_batches
 from clipjax.tokenizer import Tokenizer
 args = json.loads(sys.argv[1])
-it = make_batches(DataConfig(**args["config"]), image_size=args["image"], tokenizer=Tokenizer.openai(context_length=args["context"]),
-                  batch_size=4, seed=5)
+tok = Tokenizer.openai(context_length=args["context"])
+it = make_batches(DataConfig(**args["config"]), image_size=args["image"], tokenizer=tok, batch_size=4, seed=5)
 it.set_state(args["state"])
 out = [{k: v.tolist() for k, v in next(it).items()} for _ in range(args["n"])]
 print(json.dumps({"batches": out, "counts": it.bad_counts()}))

@@ -200,7 +200,8 @@ def _patch_open_clip_randomness(monkeypatch, rng):
 
 
 @pytest.mark.parity
-@pytest.mark.filterwarnings("ignore:Unused augmentation cfg items")  # open_clip warns about gray_scale_prob, then uses it
+# open_clip warns about gray_scale_prob, then uses it
+@pytest.mark.filterwarnings("ignore:Unused augmentation cfg items")
 @pytest.mark.parametrize("aug", [{}, {"scale": (0.08, 1.0), "gray_scale_prob": 0.5}])
 def test_train_transform_equals_open_clip(photos, jpegs, monkeypatch, aug):
     import open_clip

@@ -1,5 +1,6 @@
 """`clipjax` command line (this package): convert, export, info here; eval / score in `evaluate`, ood in
-`ood`, curate (MetaCLIP) in `curate`, data convert in `data`, embed in `embed`; `inputs` holds the encoder and the image / caption / tfds readers they share.
+`ood`, curate (MetaCLIP) in `curate`, data convert in `data`, embed in `embed`; `inputs` holds the
+encoder and the image / caption / tfds readers they share.
 
     clipjax convert SRC OUT [--arch NAME | --config FILE] [--tokenizer DIR] [--overwrite]
     clipjax export MODEL_DIR OUT [--format hf|open_clip] [--name NAME] [--overwrite]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import grain

@@ -4,7 +4,8 @@ Reading (`tfds:NAME[:SPLIT]`, e.g. `tfds:coco_captions:train`, `tfds:laion_part:
 goes through `tfds.data_source` (ArrayRecord files, random access, no TensorFlow). Image features
 are read undecoded (`tfds.decode.SkipDecoding`) so the pipeline's own JPEG decode runs in its
 workers; a caption feature may be a string or a sequence of strings (several captions: LaCLIP
-sampling draws one per epoch), nested features are written as paths (`captions/text`). `TFDS_DATA_DIR` or `data_dir` says where prepared data lives.
+sampling draws one per epoch), nested features are written as paths (`captions/text`).
+`TFDS_DATA_DIR` or `data_dir` says where prepared data lives.
 
 Converting: `convert(source_spec, data_dir, name)` reads any tar-shard or table source
 (`clipjax.data.sources`) and writes the tfds dataset NAME (read back as `tfds:NAME`): features `image`
@@ -198,8 +199,8 @@ def convert(source: str, data_dir: str, name: str, *, img_key: str = "filepath",
     target = os.path.join(data_dir, name)
     if os.path.exists(target) and os.listdir(target):
         raise FileExistsError(f"{target} already holds data; choose another --name or --data-dir")
-    builder = _builder_class(name)(source=source, caption_list_key=caption_list_key, img_key=img_key, caption_key=caption_key,
-                  data_dir=data_dir, file_format="array_record")
+    builder = _builder_class(name)(source=source, caption_list_key=caption_list_key, img_key=img_key,
+                                   caption_key=caption_key, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     summary = {k: v for k, v in builder.summary.items() if v or k == "good"}
     if not summary.get("good"):

@@ -180,7 +180,8 @@ class AugmentConfig:
                 raise ValueError(f"AugmentConfig.{field} must be (min, max) with 0 < min <= max, got {(lo, hi)}")
             object.__setattr__(self, field, (lo, hi))
         if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"AugmentConfig.interpolation must be one of {tuple(_RESAMPLE)}, got {self.interpolation!r}")
+            raise ValueError(f"AugmentConfig.interpolation must be one of {tuple(_RESAMPLE)}, "
+                             f"got {self.interpolation!r}")
         if self.gray_scale_prob is not None and not 0 <= self.gray_scale_prob <= 1:
             raise ValueError(f"AugmentConfig.gray_scale_prob must be in [0, 1], got {self.gray_scale_prob}")
         if self.use_timm:
