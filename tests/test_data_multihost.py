@@ -34,24 +34,30 @@ it.close()
 """
 
 
-def test_two_processes_read_disjoint_parts_and_gather_their_states(tmp_path):
+def run_two(script: str, *args: str) -> list[dict]:
+    """`script COORDINATOR PROCESS_ID *args` in 2 processes; the JSON each prints last, by process."""
     import portpicker
 
+    addr = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", script, addr, str(p), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for p in range(2)]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def test_two_processes_read_disjoint_parts_and_gather_their_states(tmp_path):
     rows = 22
     pic = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
     with open(tmp_path / "t.jsonl", "w") as f:
         for i in range(rows):
             (tmp_path / f"{i}.png").write_bytes(image_bytes(pic, "PNG"))
             f.write(json.dumps({"filepath": f"{i}.png", "title": f"picture {i}"}) + "\n")
-    addr = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, addr, str(p), str(tmp_path / "t.jsonl")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for p in range(2)]
-    outs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err[-3000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+    outs = run_two(WORKER, str(tmp_path / "t.jsonl"))
     assert [o["process"] for o in outs] == [0, 1]
     first_batches = 2 * 2  # each process's first batch (2 rows) was read before the loop
     a, b = (set(o["keys"]) for o in outs)
@@ -78,7 +84,6 @@ print(json.dumps(embed(sys.argv[3], sys.argv[4], sys.argv[5], dtype="float32", b
 
 def test_two_processes_embed_their_parts_of_a_source(tmp_path):
     """`clipjax embed` in 2 processes: each writes its own shards; together they equal one process's run."""
-    import portpicker
     from helpers import tiny_checkpoint
 
     from clipjax.cli.embed import embed, read_embeddings
@@ -91,15 +96,7 @@ def test_two_processes_embed_their_parts_of_a_source(tmp_path):
             (tmp_path / f"{i}.png").write_bytes(image_bytes(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8), "PNG"))
             f.write(json.dumps({"filepath": f"{i}.png", "title": f"picture {i}"}) + "\n")
     source, out = str(tmp_path / "t.jsonl"), str(tmp_path / "two")
-    addr = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", EMBED_WORKER, addr, str(p), model, source, out],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for p in range(2)]
-    summaries = []
-    for proc in procs:
-        o, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-        summaries.append(json.loads(o.strip().splitlines()[-1]))
+    summaries = run_two(EMBED_WORKER, model, source, out)
     assert sorted(s["rows"] for s in summaries) == [6, 7] and all(s["finished"] for s in summaries)
     embed(model, source, str(tmp_path / "one"), dtype="float32", batch_size=8, shard_size=8, progress=False,
           process_index=0, process_count=1)
