@@ -100,6 +100,25 @@ class Hooked:
         self.inner.set_state(state)
 
 
+class Slow:
+    """A `clipjax.data` pipeline with a sleep per batch (so a test can kill the run mid-way)."""
+
+    def __init__(self, inner, sleep=0.0):
+        self.inner, self.sleep = inner, sleep
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        if self.sleep:
+            time.sleep(self.sleep)
+        return batch
+
+    def __getattr__(self, name):  # get_state, set_state, bad_counts, epoch, close
+        return getattr(self.inner, name)
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
@@ -113,6 +132,8 @@ def parse(argv=None):
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--source", default=None, help="a clipjax.data source (tar shards, table) instead of arrays")
+    p.add_argument("--num-workers", type=int, default=0, help="grain decode workers for --source")
     return p.parse_args(argv)
 
 
@@ -141,9 +162,25 @@ def main(argv=None):
     from clipjax.train.loop import train
 
     mesh = make_mesh(data=args.mesh_data) if args.coordinator or args.mesh_data > 1 else None
-    data = Hooked(ArrayBatches(arrays(), BATCH, seed=0), nan_at=args.nan_at, sleep=args.sleep_per_step)
+    model = tiny_config()
+    if args.source:  # real files through clipjax.data: OpenAI BPE ids need the full vocabulary
+        import dataclasses
+
+        from clipjax.data import DataConfig, make_batches
+        from clipjax.tokenizer import Tokenizer
+
+        model = model.replace(text=dataclasses.replace(model.text, vocab_size=49408))
+        data = Slow(make_batches(DataConfig(source=args.source, num_workers=args.num_workers, shuffle_buffer=16),
+                                 image_size=IMAGE, tokenizer=Tokenizer.openai(context_length=CONTEXT),
+                                 batch_size=BATCH, seed=0), args.sleep_per_step)
+    else:
+        data = Hooked(ArrayBatches(arrays(), BATCH, seed=0), nan_at=args.nan_at, sleep=args.sleep_per_step)
     cfg = train_config(args.steps, args.checkpoint_every, args.keep_checkpoints)
-    result = train(tiny_config(), cfg, args.workdir, data, mesh=mesh, progress=False)
+    try:
+        result = train(model, cfg, args.workdir, data, mesh=mesh, progress=False)
+    finally:
+        if hasattr(data, "close"):
+            data.close()
     print(json.dumps({"step": result.step, "stopped": result.stopped, "process": jax.process_index()}), flush=True)
     if args.coordinator:
         jax.distributed.shutdown()
