@@ -71,13 +71,7 @@ def test_kill9_then_restart_continues_the_same_run(tmp_path, reference, cache):
     kill_at = random.Random(20240611).randint(4, STEPS - 3)
     wd = str(tmp_path / "w")
     cmd = W.command(wd, STEPS, "--checkpoint-every", EVERY, "--sleep-per-step", 0.25, "--cache-dir", cache)
-    proc = W.start(cmd, str(tmp_path / "killed"))
-    try:
-        W.wait_for_step(wd, kill_at, [proc])
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        W.stop(proc)
+    W.kill9_at(cmd, wd, kill_at, str(tmp_path / "killed"))
     logged = max(r["step"] for r in W.metrics(wd))  # a step is logged before it is saved
     assert logged < STEPS, "the run finished before it could be killed"
 

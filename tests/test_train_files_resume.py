@@ -7,7 +7,6 @@ counted both times). The runs are subprocesses of `train_worker.py --source`.
 
 import random
 import re
-import signal
 
 import numpy as np
 import pytest
@@ -46,13 +45,7 @@ def test_kill9_on_a_file_pipeline_then_restart_continues_the_same_run(tmp_path, 
     kill_at = random.Random(5).randint(3, STEPS - 3)
     wd = str(tmp_path / "w")
     cmd = W.command(wd, STEPS, *base)
-    proc = W.start(cmd + ["--sleep-per-step", "0.4"], str(tmp_path / "killed"))
-    try:
-        W.wait_for_step(wd, kill_at, [proc])
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        W.stop(proc)
+    W.kill9_at(cmd + ["--sleep-per-step", "0.4"], wd, kill_at, str(tmp_path / "killed"))
     assert max(row["step"] for row in W.metrics(wd)) < STEPS, "the run finished before it could be killed"
     r = W.run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -281,6 +281,19 @@ def wait_for_step(workdir, step, procs, timeout=300) -> int:
     raise AssertionError(f"no step >= {step} in {workdir}/metrics.jsonl after {timeout} s")
 
 
+def kill9_at(cmd, workdir, step, log_prefix) -> None:
+    """Start `cmd`, SIGKILL it once `workdir` has logged `step`, and wait until it is gone."""
+    import signal
+
+    proc = start(cmd, log_prefix)
+    try:
+        wait_for_step(workdir, step, [proc])
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        stop(proc)
+
+
 def stop(*procs) -> None:
     """Kill workers still running (test clean-up)."""
     for p in procs:

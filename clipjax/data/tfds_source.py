@@ -75,7 +75,9 @@ class TfdsSource:
                 raise DataError(f"tfds dataset {name!r} has no feature {k!r}; features: {sorted(features)} "
                                 "(set the image / caption keys of the data config)")
         key_feature = next((k for k in ("key", "__key__", "id", "image/id") if k in features), None)
-        return cls(name, split, src.data_dir, image_key, caption_key, key_feature)
+        out = cls(name, split, src.data_dir, image_key, caption_key, key_feature)
+        object.__setattr__(out, "_cached", src._data)  # the data source opened above, not opened again
+        return out
 
     def _info_features(self) -> dict:
         return dict(self._data.dataset_info.features)
