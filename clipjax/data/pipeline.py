@@ -33,7 +33,6 @@ the run with `DataError` naming the counts and the latest reasons.
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -95,9 +94,6 @@ class DataConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0")
-
-    def replace(self, **kw) -> "DataConfig":
-        return dataclasses.replace(self, **kw)
 
 
 def example_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -281,7 +277,6 @@ class Batches:
 
     def __init__(self, dataset: grain.IterDataset, *, batch_size: int, num_examples: int | None,
                  max_bad_fraction: float, bad_check_after: int):
-        self._dataset = dataset
         self._iter = iter(dataset)
         self.batch_size = batch_size  # global
         self.num_examples = num_examples
