@@ -2,7 +2,8 @@
 
 Zero-shot classification and retrieval (CLIP_benchmark), CLIPScore / RefCLIPScore
 (Hessel et al.) and torchmetrics' variant, CLIP-I, Vendi score, Schur complement
-entropy and CMMD. Definitions and reference implementations are named in each
+entropy, CMMD, calibration (ECE, NLL, temperature scaling) and GREAT Score, and the
+modality gap. Definitions and reference implementations are named in each
 module's docstring.
 """
 
@@ -15,7 +16,15 @@ from clipjax.metrics.clipscore import (
     ref_clip_score,
     torchmetrics_clip_score,
 )
+from clipjax.metrics.calibration import (
+    calibration_report,
+    expected_calibration_error,
+    fit_temperature,
+    great_score,
+    negative_log_likelihood,
+)
 from clipjax.metrics.cmmd import cmmd
+from clipjax.metrics.modality_gap import DEFAULT_LAMBDAS, gap_sweep, modality_gap, shift_modalities
 from clipjax.metrics.retrieval import recall_at_k, topk_retrieval
 from clipjax.metrics.sce import SCEResult, rff_features, rff_omega, sce_score, schur_vendi
 from clipjax.metrics.templates import (
@@ -38,10 +47,12 @@ from clipjax.metrics.zeroshot import (
 )
 
 __all__ = [
+    "DEFAULT_LAMBDAS",
     "HESSEL_PREFIX",
     "HESSEL_W",
     "SCEResult",
     "build_prompts",
+    "calibration_report",
     "classifier_weights",
     "classname_datasets",
     "clip_i",
@@ -49,9 +60,15 @@ __all__ = [
     "clipscore_prompts",
     "cmmd",
     "entropy_q",
+    "expected_calibration_error",
+    "fit_temperature",
+    "gap_sweep",
     "get_classnames",
     "get_templates",
     "gram_dual",
+    "great_score",
+    "modality_gap",
+    "negative_log_likelihood",
     "mean_per_class_recall",
     "openai_imagenet_templates",
     "recall_at_k",
@@ -60,6 +77,7 @@ __all__ = [
     "rff_omega",
     "sce_score",
     "schur_vendi",
+    "shift_modalities",
     "template_datasets",
     "topk_accuracy",
     "topk_retrieval",
