@@ -4,6 +4,8 @@
                            [--data-dir DIR] [--templates NAME] [--limit N] [--out result.json]
     clipjax eval retrieval --model DIR --dataset coco_captions [--recall-k 1,5,10] ...
     clipjax score clipscore --model DIR --images FOLDER --captions FILE [--out JSON]
+    clipjax score fclipscore --model DIR --images FOLDER --captions FILE [--mode threshold|most_negative]
+                            [--threshold -5e-5] [--layers 3] [--out JSON]
     clipjax score cmmd      --model DIR --images FOLDER --reference-images FOLDER [--out JSON]
     clipjax score vendi     --model DIR [--images FOLDER] [--captions FILE] [--q 0.5,1,2,inf]
 
@@ -148,6 +150,58 @@ def score_clipscore(args) -> int:
     return emit(result, args.out)
 
 
+def score_fclipscore(args) -> int:
+    """CLIP4DM word attributions and F-CLIPScore (`clipjax.metrics.fclipscore`), float32, one device."""
+    import clipjax
+    from clipjax.metrics import clipscore_prompts
+    from clipjax.metrics import fclipscore as fcs
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    files = image_files(args.images)
+    pairs = pair_captions(files, read_captions(args.captions), args.images)
+    model = clipjax.load(args.model)
+    if model.tokenizer is None or model.tokenizer.kind != "clip_bpe":
+        raise ValueError("score fclipscore needs a checkpoint with a CLIP BPE tokenizer (CLIP4DM groups BPE tokens "
+                         "into words)")
+    order = [p["image"] for p in pairs]
+    caps = [p["caption"] for p in pairs]
+    get = open_images(args.images, order)
+    prefix_len = fcs.prefix_length(model.tokenizer)
+    batch = min(args.batch_size, len(pairs))
+    rows = []
+    for start in range(0, len(pairs), batch):
+        stop = min(start + batch, len(pairs))
+        pixels = model.preprocess(get(start, stop))
+        ids = np.asarray(model.tokenize(clipscore_prompts(caps[start:stop])), np.int32)
+        n = stop - start
+        if n < batch:  # repeat the last row: one static batch shape, one compilation
+            pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch - n, axis=0)])
+            ids = np.concatenate([ids, np.repeat(ids[-1:], batch - n, axis=0)])
+        rel = fcs.clip4dm_relevance(model.params, pixels, ids, config=model.config, layers=args.layers,
+                                    prefix_len=prefix_len)
+        words = fcs.caption_words(model.tokenizer, caps[start:stop])
+        tokens = np.asarray(rel.tokens)[:n]
+        scores, _ = fcs.word_scores(tokens, words.word_index, words.word_mask.shape[1])
+        neg, selected = fcs.misaligned_words(scores, words.word_mask, mode=args.mode, threshold=args.threshold,
+                                             punctuation=words.punctuation)
+        sim = np.asarray(rel.similarity)[:n]
+        fscore = np.asarray(fcs.f_clipscore(neg, sim))
+        scores, neg, selected = np.asarray(scores), np.asarray(neg), np.asarray(selected)
+        for i in range(n):
+            ws = words.words[i]
+            found = sorted(((ws[w], float(scores[i, w])) for w in np.flatnonzero(selected[i])), key=lambda e: e[1])
+            rows.append({"image": order[start + i], "caption": caps[start + i],
+                         "clip_score": float(2.5 * max(float(sim[i]), 0.0)), "f_clipscore": float(fscore[i]),
+                         "negative_attribution": float(neg[i]), "misaligned_words": [list(e) for e in found],
+                         "word_attributions": [[w, float(scores[i, j])] for j, w in enumerate(ws)]})
+    result = {"model": os.path.abspath(args.model), "num_images": len(rows), "mode": args.mode,
+              "threshold": args.threshold, "layers": args.layers, "precision": "float32",
+              "clip_score": float(np.mean([r["clip_score"] for r in rows])),
+              "f_clipscore": float(np.mean([r["f_clipscore"] for r in rows])), "per_image": rows}
+    return emit(result, args.out)
+
+
 def score_cmmd(args) -> int:
     from clipjax import metrics
 
@@ -223,13 +277,22 @@ def register(subparsers) -> None:
             p.add_argument("--recall-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 5, 10])
         p.set_defaults(func=fn)
 
-    sc = subparsers.add_parser("score", help="CLIPScore, CMMD or Vendi of image folders and captions")
+    sc = subparsers.add_parser("score", help="CLIPScore, F-CLIPScore, CMMD or Vendi of image folders and captions")
     sc_sub = sc.add_subparsers(dest="score_task", required=True)
     p = sc_sub.add_parser("clipscore", help="CLIPScore (Hessel), RefCLIPScore, torchmetrics' CLIPScore")
     common(p)
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--captions", required=True, help="one caption per line, or JSON lines with references")
     p.set_defaults(func=score_clipscore)
+    p = sc_sub.add_parser("fclipscore", help="F-CLIPScore and misaligned words (CLIP4DM gradient x attention)")
+    common(p)
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--captions", required=True, help="one caption per line, or JSON lines")
+    p.add_argument("--mode", choices=("threshold", "most_negative"), default="threshold",
+                   help="threshold: words with attribution < --threshold (their sum); most_negative: the lowest word")
+    p.add_argument("--threshold", type=float, default=-5e-5, help="threshold mode's cut-off")
+    p.add_argument("--layers", type=int, default=3, help="last text blocks averaged")
+    p.set_defaults(func=score_fclipscore)
     p = sc_sub.add_parser("cmmd", help="CMMD between two image folders")
     common(p)
     p.add_argument("--images", required=True)

@@ -1,7 +1,7 @@
 """Evaluation metrics as pure, jittable functions of embeddings.
 
 Zero-shot classification and retrieval (CLIP_benchmark), CLIPScore / RefCLIPScore
-(Hessel et al.) and torchmetrics' variant, CLIP-I, Vendi score, Schur complement
+(Hessel et al.) and torchmetrics' variant, CLIP4DM token attribution and F-CLIPScore, CLIP-I, Vendi score, Schur complement
 entropy, CMMD, calibration (ECE, NLL, temperature scaling) and GREAT Score, and the
 modality gap. Definitions and reference implementations are named in each
 module's docstring.
@@ -24,6 +24,7 @@ from clipjax.metrics.calibration import (
     negative_log_likelihood,
 )
 from clipjax.metrics.cmmd import cmmd
+from clipjax.metrics.fclipscore import clip4dm_relevance, f_clipscore, misaligned_words
 from clipjax.metrics.modality_gap import DEFAULT_LAMBDAS, gap_sweep, modality_gap, shift_modalities
 from clipjax.metrics.retrieval import recall_at_k, topk_retrieval
 from clipjax.metrics.sce import SCEResult, rff_features, rff_omega, sce_score, schur_vendi
@@ -56,11 +57,13 @@ __all__ = [
     "classifier_weights",
     "classname_datasets",
     "clip_i",
+    "clip4dm_relevance",
     "clip_score",
     "clipscore_prompts",
     "cmmd",
     "entropy_q",
     "expected_calibration_error",
+    "f_clipscore",
     "fit_temperature",
     "gap_sweep",
     "get_classnames",
@@ -70,6 +73,7 @@ __all__ = [
     "modality_gap",
     "negative_log_likelihood",
     "mean_per_class_recall",
+    "misaligned_words",
     "openai_imagenet_templates",
     "recall_at_k",
     "ref_clip_score",
