@@ -1,5 +1,6 @@
 """`clipjax` command line (this package): convert, export, info here; eval / score in `evaluate`, ood in
-`ood`, curate (MetaCLIP) in `curate`, data convert in `data`, embed in `embed`; `inputs` holds the
+`ood`, curate (MetaCLIP) in `curate`, data convert in `data`, embed in `embed`, interpret (TextSpan heads,
+CCS pruning) in `interpret`; `inputs` holds the
 encoder and the image / caption / tfds readers they share.
 
     clipjax convert SRC OUT [--arch NAME | --config FILE] [--tokenizer DIR] [--overwrite]
@@ -19,7 +20,8 @@ from clipjax.config import ConfigError
 from clipjax.data.errors import DataError
 
 # sub-command modules that add themselves with `register(subparsers)`
-COMMANDS = ("clipjax.cli.evaluate", "clipjax.cli.ood", "clipjax.cli.curate", "clipjax.cli.data", "clipjax.cli.embed")
+COMMANDS = ("clipjax.cli.evaluate", "clipjax.cli.ood", "clipjax.cli.curate", "clipjax.cli.data", "clipjax.cli.embed",
+            "clipjax.cli.interpret")
 
 
 def _convert(args) -> int:
