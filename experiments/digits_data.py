@@ -181,7 +181,7 @@ class CaptionedDigits:
         pick = rng.integers(self.captions.shape[1], size=len(idx))
         text = self.captions[self.labels[idx], pick]
         images = shift(self.images[idx], rng, self.max_shift)
-        return {"image": to_rgb(images, self.image_size), "text": text}
+        return {"image": to_rgb(images, self.image_size), "text": text, "label": self.labels[idx].astype(np.int32)}
 
     state_is_global = True  # the order's global batch index: resumes with any process count
 
@@ -272,6 +272,7 @@ class DigitsSource:
     eval_fn: Callable
     report: Callable
     info: dict
+    class_weights: Callable  # model state -> [10, E]: one training template per class (TeCoA's classifier)
 
 
 def build(data_cfg: dict, model_config, batch_size: int, seed: int) -> DigitsSource:
@@ -302,8 +303,16 @@ def build(data_cfg: dict, model_config, batch_size: int, seed: int) -> DigitsSou
             "heldout_examples": int(len(split.test_labels)),
             "train_templates": list(TRAIN_TEMPLATES), "eval_templates": list(EVAL_TEMPLATES),
             "vocabulary": getattr(tok, "tokens", "OpenAI BPE (49408)")}
+
+    def class_weights(model_state):
+        from clipjax import metrics
+
+        w = metrics.zeroshot_classifier(lambda s: evaluator.embed_text(model_state, s), evaluator.classnames,
+                                        TRAIN_TEMPLATES[:1])
+        return np.asarray(w).T  # [10, E]: one row per class
+
     return DigitsSource(train=train, eval_fn=evaluator, report=lambda *a, **k: write_report(evaluator, info, *a, **k),
-                        info=info)
+                        info=info, class_weights=class_weights)
 
 
 # ----------------------------------------------------------------------------- report

@@ -124,6 +124,7 @@ class Source:
     train: object  # iterator with get_state / set_state
     eval_fn: object = None
     report: object = None
+    class_weights: object = None  # model state -> [C, E] class text embeddings (labelled sources)
 
 
 def build_data(data_cfg: dict, model_cfg, tc) -> Source:
@@ -137,7 +138,7 @@ def build_data(data_cfg: dict, model_cfg, tc) -> Source:
             src = digits_data.build(data_cfg, model_cfg, tc.batch_size, tc.seed)
         except ValueError as e:
             raise DataSourceError(f"data source 'digits': {e}") from None
-        return Source(train=src.train, eval_fn=src.eval_fn, report=src.report)
+        return Source(train=src.train, eval_fn=src.eval_fn, report=src.report, class_weights=src.class_weights)
     if name == "arrays":
         return _arrays_source(data_cfg, model_cfg, tc)
     if name == "files":
@@ -230,6 +231,26 @@ def load_init(config: dict, model_cfg, mesh, seed: int):
     return state
 
 
+def adversarial_inputs(config: dict, tc, source: Source, model_state, mesh):
+    """The frozen reference model (`init_from` again) and the class weights the adversarial losses need."""
+    from clipjax.config import ConfigError
+    from clipjax.train.adversarial import NEEDS_LABELS, NEEDS_REFERENCE
+
+    reference = class_weights = None
+    if tc.loss in NEEDS_REFERENCE + NEEDS_LABELS and not config.get("init_from"):
+        raise ConfigError(f"loss={tc.loss!r} fine-tunes a trained model: set init_from")
+    if tc.loss in NEEDS_REFERENCE:
+        import clipjax
+
+        reference = clipjax.load(config["init_from"], mesh=mesh)
+    if tc.loss in NEEDS_LABELS:
+        if source.class_weights is None:
+            raise DataSourceError(f"loss={tc.loss!r} needs labelled batches and class names: data source "
+                                  f"{config['data'].get('name')!r} has none (use 'digits')")
+        class_weights = source.class_weights(model_state)
+    return reference, class_weights
+
+
 def jax_shapes(tree):
     import jax
 
@@ -268,13 +289,14 @@ def run(config, workdir: str, *, progress: bool = True, log=None):
     if report_cfg.get("enabled") and source.report is None:
         raise DataSourceError(f"report.enabled: data source {d['data'].get('name')!r} has no report")
     model_state = load_init(d, mc, mesh, tc.seed)
+    reference, class_weights = adversarial_inputs(d, tc, source, model_state, mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(F.abstract_params(mc)))
     log(f"model: {n_params / 1e6:.2f}M params; {tc.total_steps} steps of batch {tc.batch_size} ({tc.loss} loss) "
         f"in {workdir}; devices: {jax.device_count()} x {jax.devices()[0].platform}, "
         f"mesh {None if mesh is None else dict(mesh.shape)}")
     try:
         result = train(mc, tc, workdir, source.train, mesh=mesh, model_state=model_state, eval_fn=source.eval_fn,
-                       progress=progress, log=log)
+                       reference=reference, class_weights=class_weights, progress=progress, log=log)
     finally:
         if hasattr(source.train, "close"):  # grain pipelines: stop their worker processes
             source.train.close()

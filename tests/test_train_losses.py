@@ -42,8 +42,8 @@ def _batch(seed=0):
 def _one_step(cfg, tc, model_state, batch, teacher=None):
     optimizer = make_optimizer(tc, F.split_trainable(model_state)[0], cfg)
     state, _ = init_state(cfg, optimizer, seed=0, ema=False, model_state=model_state)
-    step = make_train_step(cfg, tc, optimizer, teacher_config=None if teacher is None else cfg)
-    return step(state, batch, teacher)
+    step = make_train_step(cfg, tc, optimizer, reference_config=None if teacher is None else cfg)
+    return step(state, batch, None if teacher is None else {"params": teacher})
 
 
 def _forward(cfg, model_state, batch):

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 from clipjax.config import ConfigError
 
-LOSSES = ("clip", "siglip", "cloob", "distill", "longclip")
+ADVERSARIAL_LOSSES = ("tecoa", "pmg-aft", "fare", "advflyp")
+LOSSES = ("clip", "siglip", "cloob", "distill", "longclip") + ADVERSARIAL_LOSSES
 SCHEDULES = ("cosine", "const", "const-cooldown")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,21 @@ class TrainConfig:
         long captions against images plus short captions, batch key "short_text", against the
         images' top `longclip_components` principal components (PCA per batch device, as Long-CLIP
         per GPU); set `label_smoothing=0.1` as Long-CLIP does; text positions < 20 stay frozen).
+        Adversarial fine-tuning of the image tower (`clipjax.train.adversarial`, robustness.md items 1,
+        2 and 13): "tecoa" (CE on adversarial images against fixed class text embeddings; batch key
+        "label"), "pmg-aft" (TeCoA plus KL(p_adv || p_clean) + KL(p_adv || p_frozen), the official code's
+        direction; "label"),
+        "fare" (embedding distance of adversarial images to the frozen model's clean embeddings, no
+        labels), "advflyp" (the CLIP loss on adversarial image-caption pairs plus weighted logit- and
+        feature-level terms to the frozen model). The frozen model is the trainer's `reference`.
       batch_size: global batch (all processes, all micro-batches).
       total_steps: optimizer updates of the run (the schedule's length).
       lr, warmup_steps, schedule: open_clip's `--lr`, `--warmup`, `--lr-scheduler`; warm-up is
         `lr * (step + 1) / warmup_steps` as in open_clip.
       cooldown_steps, cooldown_power, lr_cooldown_end: `const-cooldown`'s tail (`--epochs-cooldown`
         in steps, `--lr-cooldown-power`, `--lr-cooldown-end`).
+      optimizer: "adamw" (open_clip's) or "sgd" (torch SGD with momentum `beta1` and coupled weight
+        decay, as TeCoA and PMG-AFT train).
       beta1, beta2, eps, weight_decay: AdamW; decay skips gains, biases and the logit scale/bias
         (`clipjax.train.param_groups.decay_mask`, open_clip's rule).
       grad_clip_norm: global-norm clipping (None: off), as `--grad-clip-norm`.
@@ -58,6 +69,16 @@ class TrainConfig:
         (run-time options applied to the model config at train time).
       log_every, checkpoint_every, eval_every: intervals in steps; 0 turns saving or eval off.
       keep_checkpoints, keep_every: keep the last N checkpoints, plus every K-th step (None: no).
+      adv_eps, adv_alpha, adv_steps, adv_random_start: the inner L-inf attack of the adversarial
+        losses, in [0, 1] pixel units (TeCoA's training attack: eps = alpha = 1/255, 2 steps, random
+        start; FARE: eps 2/255 or 4/255, alpha 1/255, 10 steps).
+      adv_momentum: FARE's inner attack momentum (0.9).
+      adv_logit_scale: the multiplier of the TeCoA / PMG-AFT classifier (TeCoA: exp of OpenAI CLIP's
+        logit scale, 100; the stored PMG-AFT code's classifier gives plain cosines, 1).
+      pmg_clean_weight, pmg_frozen_weight: PMG-AFT's weights of KL(p_adv || p_clean) and
+        KL(p_adv || p_frozen) (official code: 1 and 1, KL summed over the batch).
+      advflyp_logit_weight, advflyp_feature_weight: AdvFLYP's logit-level and feature-level terms
+        (`Sxing2/AdvFLYP` scripts/train.sh: 1 and 1; 0 turns a term off).
     """
 
     loss: str = "clip"
@@ -69,6 +90,7 @@ class TrainConfig:
     cooldown_steps: int = 0
     cooldown_power: float = 1.0
     lr_cooldown_end: float = 0.0
+    optimizer: str = "adamw"
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -97,6 +119,16 @@ class TrainConfig:
     eval_every: int = 0
     keep_checkpoints: int = 3
     keep_every: int | None = None
+    adv_eps: float = 1.0 / 255
+    adv_alpha: float = 1.0 / 255
+    adv_steps: int = 2
+    adv_random_start: bool = True
+    adv_momentum: float = 0.9
+    adv_logit_scale: float = 100.0
+    pmg_clean_weight: float = 1.0
+    pmg_frozen_weight: float = 1.0
+    advflyp_logit_weight: float = 1.0
+    advflyp_feature_weight: float = 1.0
 
     def __post_init__(self):
         def need(ok: bool, what: str):
@@ -104,6 +136,7 @@ class TrainConfig:
                 raise ConfigError(f"train config: {what}")
 
         need(self.loss in LOSSES, f"loss={self.loss!r}; expected one of {LOSSES}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}; expected one of {OPTIMIZERS}")
         need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}; expected one of {SCHEDULES}")
         need(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         need(self.total_steps >= 1, f"total_steps={self.total_steps} must be >= 1")
@@ -121,6 +154,9 @@ class TrainConfig:
         for name in ("log_every", "checkpoint_every", "eval_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 turns it off)")
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        need(0.0 <= self.adv_eps <= 1.0 and 0.0 <= self.adv_alpha <= 1.0,
+             f"adv_eps={self.adv_eps} and adv_alpha={self.adv_alpha} must be in [0, 1] (pixel units)")
+        need(self.adv_steps >= 0, f"adv_steps={self.adv_steps} must be >= 0")
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)

@@ -41,13 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clipjax import checks
 from clipjax.config import CLIPConfig, ConfigError
 from clipjax.models import clip as F
 from clipjax.sharding import logical_to_spec, make_mesh
 from clipjax.train import checkpoints as C
-from clipjax.train.config import TrainConfig
+from clipjax.train.adversarial import NEEDS_LABELS, NEEDS_REFERENCE
+from clipjax.train.config import ADVERSARIAL_LOSSES, TrainConfig
 from clipjax.train.observe import MetricsWriter, compiled_flops, peak_flops
 from clipjax.train.optim import make_optimizer
 from clipjax.train.state import TrainState, mesh_context, state_factory, state_shardings
@@ -68,7 +70,8 @@ class TrainResult:
     metrics: dict
 
 
-def check_batch(batch: dict, model_config: CLIPConfig, local_batch: int, loss: str = "clip") -> None:
+def check_batch(batch: dict, model_config: CLIPConfig, local_batch: int, loss: str = "clip",
+                num_classes: int | None = None) -> None:
     """Refuse a batch that does not fit the model, naming the key, what came and what was expected."""
     if loss == "longclip" and "short_text" not in batch:
         raise ValueError("loss='longclip' needs batch key 'short_text' [b, <= L] int32 (the short captions)")
@@ -87,6 +90,19 @@ def check_batch(batch: dict, model_config: CLIPConfig, local_batch: int, loss: s
         raise ValueError(f"batch 'text' has shape {txt.shape}; expected [{local_batch}, <= {L}] token ids")
     if txt.dtype != np.int32:
         raise ValueError(f"batch 'text' has dtype {txt.dtype}; expected int32 token ids")
+    if loss in ADVERSARIAL_LOSSES and img.dtype != np.uint8:
+        raise ValueError(f"loss={loss!r} attacks pixels in [0, 1]: batch 'image' must be uint8 (0..255), got "
+                         f"{img.dtype} (preprocessed images cannot be attacked in pixel space)")
+    if loss in NEEDS_LABELS:
+        if "label" not in batch:
+            raise ValueError(f"loss={loss!r} needs batch key 'label' [b] int32 (class indices)")
+        lab = np.asarray(batch["label"])
+        if lab.shape != (local_batch,) or lab.dtype != np.int32:
+            raise ValueError(f"batch 'label' has shape {lab.shape} and dtype {lab.dtype}; expected int32 "
+                             f"[{local_batch}]")
+        if num_classes is not None and (lab.min() < 0 or lab.max() >= num_classes):
+            raise ValueError(f"batch 'label' holds values in [{lab.min()}, {lab.max()}]; expected [0, {num_classes}) "
+                             "(the rows of class_weights)")
     if loss == "longclip":
         short = np.asarray(batch["short_text"])
         if short.ndim != 2 or short.shape[0] != local_batch or short.shape[1] > txt.shape[1] or short.dtype != np.int32:
@@ -94,7 +110,7 @@ def check_batch(batch: dict, model_config: CLIPConfig, local_batch: int, loss: s
                              f"[{local_batch}, <= {txt.shape[1]}] token ids")
 
 
-MODEL_KEYS = ("image", "text", "short_text")  # batch keys the step reads; others (e.g. `__key__`) stay on the host
+MODEL_KEYS = ("image", "text", "short_text", "label")  # batch keys the step reads; others (e.g. `__key__`) stay on the host
 
 
 def global_batch(local: dict, mesh: Mesh | None) -> dict:
@@ -113,11 +129,14 @@ def nonfinite_report(state: TrainState, batch: dict, model_config: CLIPConfig, c
     """Which tensors of a failing step are not finite: embeddings, scale, loss, then gradients by name."""
     from clipjax.train.step import contrastive_loss
 
+    # distill and the adversarial losses need frozen inputs: the probe's loss is the CLIP loss of the clean batch
+    probe_cfg = cfg if cfg.loss in ("clip", "siglip", "cloob", "longclip") else cfg.replace(loss="clip")
+
     def probe(params, stats, b):
         def loss_fn(p):
             out = F.forward(F.merge_state(p, stats), normalize_images(b["image"], model_config), b["text"],
                             config=model_config, train=True)
-            return contrastive_loss(out, cfg if cfg.loss != "distill" else cfg.replace(loss="clip"), mesh), out
+            return contrastive_loss(out, probe_cfg, mesh), out
 
         (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         fin = lambda x: jnp.all(jnp.isfinite(x))  # noqa: E731
@@ -137,8 +156,8 @@ def nonfinite_report(state: TrainState, batch: dict, model_config: CLIPConfig, c
 
 def train(model_config: CLIPConfig, cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
           mesh: Mesh | None = None, model_state: nnx.State | None = None,
-          eval_fn: Callable[[nnx.State], dict] | None = None, teacher: Any = None, progress: bool = True,
-          log: Callable[[str], None] = C.log_stderr) -> TrainResult:
+          eval_fn: Callable[[nnx.State], dict] | None = None, reference: Any = None, class_weights: Any = None,
+          progress: bool = True, log: Callable[[str], None] = C.log_stderr) -> TrainResult:
     """Train (or resume) a model in `workdir`; see the module docstring.
 
     Args:
@@ -149,26 +168,42 @@ def train(model_config: CLIPConfig, cfg: TrainConfig, workdir: str, data: Iterat
       mesh: device mesh (None: one device; multi-process runs always need one).
       model_state: initial model state (fine-tuning; from `clipjax.load(...).params`), else random init.
       eval_fn: `eval_fn(model_state) -> {name: float}`, run every `cfg.eval_every` steps and at the end.
-      teacher: a loaded `clipjax` model (`Model`) for `loss="distill"`.
+      reference: a loaded `clipjax` model (`Model`), frozen: the teacher of `loss="distill"`, the
+        starting model of "pmg-aft", "fare" and "advflyp" (`clipjax.train.adversarial`).
+      class_weights: `[C, E]` unit-norm class text embeddings for "tecoa" and "pmg-aft" (batches then
+        carry `label` `[b]` int32 in [0, C)).
     """
     preempted: list[bool] = []  # SIGTERM noted from the start: a signal during restore or compile stops too
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) if _main_thread() else None
     try:
         return _train(model_config, cfg, workdir, data, mesh=mesh, model_state=model_state, eval_fn=eval_fn,
-                      teacher=teacher, progress=progress, log=log, preempted=preempted)
+                      reference=reference, class_weights=class_weights, progress=progress, log=log,
+                      preempted=preempted)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, teacher, progress, log,
-           preempted: list) -> TrainResult:
+def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, reference, class_weights, progress,
+           log, preempted: list) -> TrainResult:
     model_config = model_config.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
     if jax.process_count() > 1 and mesh is None:
         mesh = make_mesh(data=-1)
     check_compatible(model_config, cfg, mesh)
-    if cfg.loss == "distill" and teacher is None:
-        raise ConfigError("loss='distill' needs a teacher model (clipjax.load(PATH))")
+    if cfg.loss in ("distill",) + NEEDS_REFERENCE and reference is None:
+        raise ConfigError(f"loss={cfg.loss!r} needs a reference model (clipjax.load(PATH)): the teacher of 'distill', "
+                          "the frozen starting model of the adversarial losses")
+    if cfg.loss in NEEDS_LABELS and class_weights is None:
+        raise ConfigError(f"loss={cfg.loss!r} needs class_weights [C, E] (class text embeddings) and labelled batches")
+    frozen = {}
+    if reference is not None:
+        frozen["params"] = reference.params
+    if class_weights is not None:
+        class_weights = checks.array("class_weights", class_weights, "[C, E]")
+        if class_weights.shape[1] != model_config.embed_dim:
+            raise ValueError(f"class_weights has shape {class_weights.shape}; expected [C, {model_config.embed_dim}] "
+                             "(the model's embed_dim)")
+        frozen["class_weights"] = jnp.asarray(class_weights, jnp.float32)
     C.check_workdir(workdir, model_config)
     local_batch = cfg.batch_size // jax.process_count()
 
@@ -189,7 +224,8 @@ def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, teac
         # the first batch is checked before the state is created or anything is written
         first = next(data) if start < cfg.total_steps else None
         if first is not None:
-            check_batch(first, model_config, local_batch, cfg.loss)
+            check_batch(first, model_config, local_batch, cfg.loss,
+                        None if class_weights is None else class_weights.shape[0])
         if restored is None:
             with mesh_context(mesh):
                 state = jax.jit(make, out_shardings=shardings)(model_state)
@@ -197,13 +233,13 @@ def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, teac
         writer = MetricsWriter(workdir, resume_step=start)
         cleanup.callback(writer.close)
 
-        teacher_params, teacher_config = (None, None)
-        if teacher is not None:
-            teacher_params, teacher_config = teacher.params, teacher.config
+        if mesh is not None and "class_weights" in frozen:
+            frozen["class_weights"] = jax.device_put(frozen["class_weights"], NamedSharding(mesh, P()))
+        frozen = frozen or None
         step_fn = make_train_step(model_config, cfg, optimizer, mesh=mesh, state_shardings=shardings,
-                                  teacher_config=teacher_config,
-                                  teacher_shardings=None if mesh is None or teacher is None else
-                                  jax.tree.map(lambda a: a.sharding, teacher_params))
+                                  reference_config=None if reference is None else reference.config,
+                                  frozen_shardings=None if mesh is None or frozen is None else
+                                  jax.tree.map(lambda a: a.sharding, frozen))
         meta = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
 
         bar = None
@@ -230,11 +266,11 @@ def _train(model_config, cfg, workdir, data, *, mesh, model_state, eval_fn, teac
             window_wait += time.perf_counter() - t0
             if compiled is None:
                 with mesh_context(mesh):
-                    compiled = step_fn.jitted.lower(state, batch, teacher_params).compile()
+                    compiled = step_fn.jitted.lower(state, batch, frozen).compile()
                 flops = compiled_flops(compiled)
                 window_start, window_wait = time.perf_counter(), 0.0
             with mesh_context(mesh):
-                new_state, metrics = compiled(state, batch, teacher_params)
+                new_state, metrics = compiled(state, batch, frozen)
             if not bool(metrics["finite"]):
                 report = nonfinite_report(new_state, batch, model_config, cfg, mesh)
                 raise NonFiniteError(f"step {step + 1}: loss {float(metrics['loss'])}, gradient norm "

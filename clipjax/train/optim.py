@@ -11,6 +11,10 @@ The chain, in order (each step is a stock optax transformation except the multip
 6. per-param multipliers: layer-wise lr decay, and 0 for frozen params.
 
 Steps 3-5 are torch's `AdamW`: `p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)`.
+
+`optimizer="sgd"` (TeCoA, PMG-AFT) replaces steps 3-4 by torch's `SGD(momentum=beta1,
+weight_decay=wd)`: `g += wd * p` (coupled, on the `decay_mask` params), `buf = beta1 * buf + g`,
+`p -= lr * buf`.
 """
 
 from __future__ import annotations
@@ -68,11 +72,12 @@ def make_optimizer(cfg: TrainConfig, params, model_config: CLIPConfig) -> optax.
         chain.append(param_groups.scale_by_tree(trainable))
     if cfg.grad_clip_norm is not None:
         chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-    chain += [
-        optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps),
-        optax.add_decayed_weights(cfg.weight_decay, mask=param_groups.decay_mask(params)),
-        optax.scale_by_learning_rate(learning_rate_schedule(cfg)),
-    ]
+    decay = optax.add_decayed_weights(cfg.weight_decay, mask=param_groups.decay_mask(params))
+    if cfg.optimizer == "sgd":
+        chain += [decay, optax.trace(decay=cfg.beta1)]
+    else:
+        chain += [optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps), decay]
+    chain.append(optax.scale_by_learning_rate(learning_rate_schedule(cfg)))
     multipliers = None
     if cfg.layer_decay is not None:
         multipliers = param_groups.layer_decay_multipliers(params, model_config, cfg.layer_decay)

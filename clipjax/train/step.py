@@ -14,6 +14,11 @@ After each update the stored `log_logit_scale` is clamped to `[0, max_log_logit_
 `logit_scale.clamp_(0, ln 100)`). A step whose loss or gradient norm is not finite changes
 nothing (params, optimizer state, EMA, BatchNorm statistics and step all stay) and reports
 `finite = False`; the loop stops on it.
+
+Frozen inputs (the step's third argument, `frozen`, a dict or None): `params` of a reference model
+(the teacher of `loss="distill"`; the frozen starting model of "pmg-aft", "fare" and "advflyp") and
+`class_weights` `[C, E]` (unit-norm class text embeddings of "tecoa" and "pmg-aft"). They are inputs,
+never updated, and on a mesh keep the shardings they come with.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from clipjax import losses
 from clipjax.config import CLIPConfig, ConfigError
 from clipjax.models import clip as F
 from clipjax.sharding import logical_to_spec
-from clipjax.train.config import TrainConfig
+from clipjax.train import adversarial
+from clipjax.train.config import ADVERSARIAL_LOSSES, TrainConfig
 from clipjax.train.optim import learning_rate_schedule
 from clipjax.train.state import TrainState, mesh_context
 
@@ -99,6 +105,8 @@ def check_compatible(model_config: CLIPConfig, cfg: TrainConfig, mesh: Mesh | No
     if resnet and cfg.micro_batches > 1:
         raise ConfigError("micro_batches > 1 with a ResNet tower: train-mode BatchNorm statistics depend on "
                           "the micro-batch, so accumulation would not equal the full-batch step")
+    if cfg.loss in ADVERSARIAL_LOSSES:
+        adversarial.check_compatible(model_config, cfg)
     n = batch_axes_size(mesh)
     if cfg.batch_size % (n * cfg.micro_batches):
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the batch devices ({n}) x "
@@ -154,9 +162,9 @@ def _clamp_log_logit_scale(params, max_value: float):
     return params
 
 
-def train_step(state: TrainState, batch: Batch, teacher_params=None, *, model_config: CLIPConfig,
+def train_step(state: TrainState, batch: Batch, frozen: dict | None = None, *, model_config: CLIPConfig,
                cfg: TrainConfig, optimizer: optax.GradientTransformation, mesh: Mesh | None = None,
-               teacher_config: CLIPConfig | None = None) -> tuple[TrainState, dict]:
+               reference_config: CLIPConfig | None = None) -> tuple[TrainState, dict]:
     """One optimizer update (pure; `make_train_step` jits it). Returns `(state, metrics)`.
 
     metrics: `loss`, `grad_norm` (before clipping), `lr`, `logit_scale` (the multiplier),
@@ -170,11 +178,16 @@ def train_step(state: TrainState, batch: Batch, teacher_params=None, *, model_co
         dropout_on = None
     teacher_out = None
     if cfg.loss == "distill":
-        t = F.forward(teacher_params, normalize_images(batch["image"], teacher_config), batch["text"],
-                      config=teacher_config)
+        t = F.forward(frozen["params"], normalize_images(batch["image"], reference_config), batch["text"],
+                      config=reference_config)
         teacher_out = jax.lax.stop_gradient({k: t[k] for k in ("image", "text", "logit_scale")})
 
-    if dropout_on is None:
+    if cfg.loss in ADVERSARIAL_LOSSES:
+        loss, grads = adversarial.adversarial_loss_and_grads(
+            state.params, batch, frozen or {}, jax.random.fold_in(step_rng, 1), model_config=model_config, cfg=cfg,
+            reference_config=reference_config)
+        stats = state.batch_stats
+    elif dropout_on is None:
         loss, grads, stats = _grads(state, batch, model_config, cfg, mesh, step_rng, dropout, teacher_out)
     else:  # FLIP: masked steps, then unmasked tuning; both branches are compiled, one runs
         loss, grads, stats = jax.lax.cond(
@@ -202,28 +215,29 @@ def train_step(state: TrainState, batch: Batch, teacher_params=None, *, model_co
 
 
 def make_train_step(model_config: CLIPConfig, cfg: TrainConfig, optimizer: optax.GradientTransformation, *,
-                    mesh: Mesh | None = None, state_shardings: Any = None, teacher_config: CLIPConfig | None = None,
-                    teacher_shardings: Any = None) -> Callable:
-    """`step(state, batch[, teacher_params]) -> (state, metrics)`, jitted, state donated.
+                    mesh: Mesh | None = None, state_shardings: Any = None,
+                    reference_config: CLIPConfig | None = None, frozen_shardings: Any = None) -> Callable:
+    """`step(state, batch[, frozen]) -> (state, metrics)`, jitted, state donated.
 
-    With `mesh`, pass the `state_shardings` from `init_state`; the batch is sharded over
-    ("data", "fsdp") and metrics are replicated scalars.
+    With `mesh`, pass the `state_shardings` from `init_state` and the `frozen_shardings` of the frozen
+    inputs (see the module docstring); the batch is sharded over ("data", "fsdp") and metrics are
+    replicated scalars. `reference_config`: the architecture of `frozen["params"]`.
     """
     check_compatible(model_config, cfg, mesh)
     fn = partial(train_step, model_config=model_config, cfg=cfg, optimizer=optimizer, mesh=mesh,
-                 teacher_config=teacher_config)
+                 reference_config=reference_config)
     if mesh is None:
         jitted = jax.jit(fn, donate_argnums=0)
     else:
         batch_sh = NamedSharding(mesh, logical_to_spec(("batch",), mesh=mesh))
         replicated = NamedSharding(mesh, P())
         jitted = jax.jit(fn, donate_argnums=0,
-                         in_shardings=(state_shardings, batch_sh, teacher_shardings),
+                         in_shardings=(state_shardings, batch_sh, frozen_shardings),
                          out_shardings=(state_shardings, replicated))
 
-    def step(state, batch, teacher_params=None):
+    def step(state, batch, frozen=None):
         with mesh_context(mesh):
-            return jitted(state, batch, teacher_params)
+            return jitted(state, batch, frozen)
 
     step.jitted = jitted
     return step
