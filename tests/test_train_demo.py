@@ -28,6 +28,7 @@ RECIPES = {  # file -> get_config arguments to try
     "lit.py": [None, "scratch_text"],
     "finetune_wiseft.py": [None],
     "digits.py": [None],
+    "adversarial.py": ["tecoa", "pmg-aft", "fare", "advflyp"],
 }
 SHORT = ["--config.total_steps=12", "--config.warmup_steps=4", "--config.log_every=4", "--config.eval_every=6",
          "--config.checkpoint_every=6", "--config.report.min_accuracy=0.0", "--noprogress"]

@@ -67,7 +67,7 @@ def get_config(arg=None):
         raise KeyError(f"adversarial.py:{arg}: the only variant is ',digits'")
     c = common.base_config(lock_text=method != "advflyp", schedule="cosine", log_every=10,
                            checkpoint_every=20 if digits else 1000, eval_every=30 if digits else 0, **recipe)
-    c.model.name = None  # the architecture of init_from
+    c.model.name = None if digits else "ViT-B-32"  # the papers' backbone; must be init_from's architecture
     c.init_from = "out/demo" if digits else None
     c.mesh.data = -1
     c.data = {"name": "digits"} if digits else {"name": PAPER_DATA[method]}
