@@ -13,7 +13,6 @@ from clipjax.config import ConfigError, TextConfig, VisionConfig
 from clipjax.models import clip as F
 from clipjax.models.longclip import stretch_position_embedding, to_long_clip
 from clipjax.convert.hf_config import from_hf_config
-from clipjax.convert.open_clip_config import from_open_clip_json
 
 
 def tiny(**kw):

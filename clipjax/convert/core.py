@@ -18,7 +18,6 @@ passes `--arch` / `--config`; nothing is guessed.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 

@@ -1,8 +1,8 @@
 """Evaluation metrics as pure, jittable functions of embeddings.
 
 Zero-shot classification and retrieval (CLIP_benchmark), CLIPScore / RefCLIPScore
-(Hessel et al.) and torchmetrics' variant, CLIP4DM token attribution and F-CLIPScore, CLIP-I, Vendi score, Schur complement
-entropy, CMMD, calibration (ECE, NLL, temperature scaling) and GREAT Score, and the
+(Hessel et al.) and torchmetrics' variant, CLIP4DM token attribution and F-CLIPScore, CLIP-I,
+Vendi score, Schur complement entropy, CMMD, calibration (ECE, NLL, temperature scaling) and GREAT Score, and the
 modality gap. Definitions and reference implementations are named in each
 module's docstring.
 """

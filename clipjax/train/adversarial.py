@@ -5,12 +5,11 @@ The batch's uint8 images become pixels in [0, 1]. The inner attack perturbs thos
 before `Normalize`). The attack runs on the current params with their gradient stopped; the outer
 loss is then differentiated with respect to the params only.
 
-| loss    | inner attack (maximises)                                 | outer loss                                         |
-|---------|----------------------------------------------------------|----------------------------------------------------|
-| tecoa   | PGD on CE(s * cos(f(x'), W), y)                          | the same CE at x_adv                               |
-| pmg-aft | PGD on the same CE                                       | CE + KL(p(z_adv) || p(z_clean)) + KL(p(z_adv) || p(z_0)) |
-| fare    | momentum PGD on ||f(x') - f_0(x)||^2                     | the same distance at x_adv                         |
-| advflyp | PGD on the batch's CLIP loss with its captions           | CLIP loss at x_adv + logit (KL) and feature (L2) terms to the frozen model and the clean images |
+* tecoa: PGD on CE(s * cos(f(x'), W), y); outer loss the same CE at x_adv.
+* pmg-aft: the same PGD; outer CE + KL(p(z_adv) || p(z_clean)) + KL(p(z_adv) || p(z_0)).
+* fare: momentum-sign PGD on ||f(x') - f_0(x)||^2; outer the same distance at x_adv.
+* advflyp: PGD on the batch's CLIP loss with its captions; outer the CLIP loss at x_adv plus logit (KL)
+  and feature (L2) terms to the frozen model and to the clean images.
 
 `W` `[C, E]` are fixed, unit-norm class text embeddings (the text tower is frozen: TeCoA, PMG-AFT
 and FARE fine-tune the image tower only), `s` is `adv_logit_scale`, `f_0` / `z_0` the frozen
@@ -23,7 +22,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from clipjax import losses
 from clipjax.config import CLIPConfig, ConfigError
 from clipjax.models import clip as F
 from clipjax.robust import attacks, finetune

@@ -110,7 +110,8 @@ def check_batch(batch: dict, model_config: CLIPConfig, local_batch: int, loss: s
                              f"[{local_batch}, <= {txt.shape[1]}] token ids")
 
 
-MODEL_KEYS = ("image", "text", "short_text", "label")  # batch keys the step reads; others (e.g. `__key__`) stay on the host
+# batch keys the step reads; others (e.g. `__key__`) stay on the host
+MODEL_KEYS = ("image", "text", "short_text", "label")
 
 
 def global_batch(local: dict, mesh: Mesh | None) -> dict:
