@@ -11,6 +11,9 @@
 5. The TextSpan head decomposition: the mean norm of every head's direct effect on the embedding,
    and the zero-shot accuracy when each layer's attention is mean-ablated (cumulative, as
    compute_ablations.py).
+6. TCA token condensation after the first block at several ratios: held-out zero-shot accuracy
+   against the image forward's FLOPs (XLA cost analysis). The model has 17 tokens and 2 blocks, so
+   TCA's 4 merged + 1 fused tokens only pay off from r = 0.2 (ViT-B/16's layers 3, 6, 9 do not exist).
 
 With `--finetuned WORKDIR` (e.g. `experiments/configs/adversarial.py:tecoa,digits`'s) the robust
 accuracy sweep runs for that model too, side by side. Writes OUT/report.json and
@@ -117,7 +120,11 @@ def master_print(model, src, x01, labels, key, *, steps: int) -> dict:
     image, losses = fooling.mine_pixels(embed, text, key, image_size=model.config.vision.image_size, steps=steps)
     img_emb, cmp_emb = embed(jnp.asarray(x01)), embed(image[None])[0]
     rand_emb = embed(jnp.full_like(image, 0.5)[None])[0]
+    unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    own = jnp.sum(unit(img_emb) * text[jnp.asarray(labels)], axis=-1)  # each image's cosine to its class
     out = {"steps": steps, "final_loss": float(np.min(np.asarray(losses))),
+           "print_min_class_cosine": -float(np.min(np.asarray(losses))),
+           "image_own_class_cosine_mean": float(own.mean()), "image_own_class_cosine_min": float(own.min()),
            "fooling_accuracy": float(fooling.fooling_accuracy(text, cmp_emb, img_emb, labels)),
            "fooling_accuracy_grey_image": float(fooling.fooling_accuracy(text, rand_emb, img_emb, labels))}
     # the mitigation: shift both modalities by a quarter of the gap (here the raw class-embedding gap)
@@ -155,6 +162,27 @@ def head_effects(model, src, x01, labels) -> tuple[np.ndarray, list[float]]:
     sweep = np.asarray(mean_ablation_sweep(decompose_image(model.params, pixels, config=cfg, level="layer")))
     accs = [float(np.mean(np.argmax(s @ w.T, 1) == labels)) for s in sweep]
     return norms, accs
+
+
+def token_condensation(model, src, x01, labels, ratios=(0.0, 0.1, 0.2, 0.25)) -> list[dict]:
+    """TCA after block 0 (`clipjax.interpret.tca`): accuracy and FLOPs per ratio."""
+    import jax
+    import jax.numpy as jnp
+
+    from clipjax.interpret.tca import forward_flops, tca_forward
+
+    cfg = model.config
+    pixels = (jnp.asarray(x01) - jnp.asarray(cfg.preprocess.mean)) / jnp.asarray(cfg.preprocess.std)
+    w = classifier(model, src)
+    rows = []
+    for r in ratios:
+        out = jax.jit(lambda p, x: tca_forward(p, x, config=cfg, layers=(0,), ratio=r))(model.params, pixels)
+        emb = np.asarray(out.embedding)
+        flops = forward_flops(cfg, batch=1, layers=(0,), ratio=r)
+        rows.append({"ratio": r, "tokens": [int(t) for t in out.token_counts],
+                     "accuracy": float(np.mean(np.argmax(emb @ w.T, 1) == labels)),
+                     "flops": flops["tca"], "flops_ratio": flops["ratio"]})
+    return rows
 
 
 def plot(report: dict, image: np.ndarray, norms: np.ndarray, out: str) -> None:
@@ -202,6 +230,7 @@ def main(argv=None) -> dict:
     p.add_argument("--apgd-steps", type=int, default=100)
     p.add_argument("--print-steps", type=int, default=500, help="Adam steps of the master-print mining")
     p.add_argument("--limit", type=int, help="only the first N held-out images")
+    p.add_argument("--tca-ratios", default="0,0.1,0.2,0.25", help="TCA condensation ratios after block 0")
     args = p.parse_args(argv)
     for w in filter(None, (args.model, args.finetuned)):
         if not os.path.exists(os.path.join(w, "clipjax.json")):
@@ -226,6 +255,7 @@ def main(argv=None) -> dict:
     report["calibration"] = calibration(model, src, x01, labels)
     norms, accs = head_effects(model, src, x01, labels)
     report["heads"] = {"mean_effect_norm": norms.round(5).tolist(), "ablation_accuracy": accs}
+    report["tca"] = token_condensation(model, src, x01, labels, [float(r) for r in args.tca_ratios.split(",")])
     report["seconds"] = time.perf_counter() - t0
     plot(report, image, norms, args.out)
     with open(os.path.join(args.out, "report.json"), "w") as f:
@@ -245,11 +275,17 @@ def summary(report: dict) -> str:
     lines += [f"| {r['eps_255']:g} | {r['attacked']:.3f} | {r['ttc']:.3f} |" for r in report["ttc"]]
     m = report["master_print"]
     c = report["calibration"]
-    lines += ["", f"master print: fooling accuracy {m['fooling_accuracy']:.3f} (grey image "
+    lines += ["", f"master print: its lowest cosine to a class prompt {m['print_min_class_cosine']:.3f}; held-out "
+              f"images to their own class: mean {m['image_own_class_cosine_mean']:.3f}, min "
+              f"{m['image_own_class_cosine_min']:.3f}",
+              f"master print: fooling accuracy {m['fooling_accuracy']:.3f} (grey image "
               f"{m['fooling_accuracy_grey_image']:.3f}; after the gap shift {m['fooling_accuracy_shifted']:.3f})",
               f"calibration: ECE {c['ece']:.3f} -> {c['ece_scaled']:.3f}, NLL {c['nll']:.3f} -> {c['nll_scaled']:.3f} "
               f"(temperature {c['temperature']:.3f})",
-              f"mean-ablating attention layers 0..k: accuracy {report['heads']['ablation_accuracy']}"]
+              f"mean-ablating attention layers 0..k: accuracy {report['heads']['ablation_accuracy']}", "",
+              "| TCA ratio (after block 0) | tokens per block | accuracy | FLOPs vs plain |", "|---|---|---|---|"]
+    lines += [f"| {r['ratio']:g} | {r['tokens']} | {r['accuracy']:.3f} | {r['flops_ratio']:.3f} |"
+              for r in report["tca"]]
     return "\n".join(lines)
 
 

@@ -213,3 +213,33 @@ def test_other_architecture_in_workdir_fails_unchanged(digits_run):
     assert proc.returncode != 0
     assert "another architecture" in proc.stderr and "width" in proc.stderr
     assert _snapshot(workdir) == before
+
+
+def test_adversarial_finetune_then_robustness_report(digits_run, tmp_path):
+    """`adversarial.py:tecoa,digits` fine-tunes the demo's checkpoint (a few steps), then
+    `experiments/robustness_digits.py` reports on both models (short settings)."""
+    workdir, _ = digits_run
+    ft = tmp_path / "tecoa"
+    cmd = [sys.executable, os.path.join(EXP, "train.py"), "--config", os.path.join(CONFIGS, "adversarial.py") +
+           ":tecoa,digits", f"--config.init_from={workdir}", "--config.total_steps=4", "--config.log_every=2",
+           "--config.checkpoint_every=4", "--config.eval_every=0", "--workdir", str(ft), "--noprogress"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    out = tmp_path / "rob"
+    cmd = [sys.executable, os.path.join(EXP, "robustness_digits.py"), "--model", str(workdir), "--finetuned", str(ft),
+           "--out", str(out), "--limit", "24", "--epsilons", "0,4", "--apgd-steps", "5", "--print-steps", "5",
+           "--tca-ratios", "0,0.25"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    for name in ("demo", "finetuned"):
+        clean, attacked = report["robust_accuracy"][name]
+        assert clean["pgd"] == clean["apgd_ce"] == clean["clean"]  # eps 0: nothing to attack
+        assert attacked["pgd"] <= attacked["clean"] and attacked["apgd_ce"] <= attacked["clean"]
+    assert {"ttc", "master_print", "calibration", "heads", "tca"} <= set(report)
+    assert report["tca"][0]["flops_ratio"] == 1.0 and report["tca"][-1]["flops_ratio"] < 1.0
+    for png in ("robust_accuracy.png", "heads.png", "master_print.png"):
+        assert (out / png).stat().st_size > 0, png
+    assert "| demo |" in proc.stdout
