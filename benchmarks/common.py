@@ -51,3 +51,24 @@ def write_result(result: dict, name: str, out: str | None = None) -> str:
         json.dump(result, f, indent=2)
     print(f"wrote {out}")
     return out
+
+
+def open_clip_pair(name: str, device: str, *, output_dict: bool = False, seed: int = 0):
+    """A random-init open_clip model `name` on `device` and the same weights as clipjax params.
+
+    Returns `(torch_model, clipjax_config, params)`; the torch model is in eval mode.
+    """
+    import open_clip
+    import torch
+
+    import clipjax
+    from clipjax.checkpoint import pure_to_params
+    from clipjax.convert.core import state_dict_to_pure
+
+    torch.manual_seed(seed)
+    kw = {"output_dict": True} if output_dict else {}
+    ref = open_clip.create_model(name, pretrained=None, **kw).eval().to(device)
+    cfg = clipjax.get_config(name)
+    sd = {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
+    family = "open_clip_siglip" if cfg.is_siglip else ("openai_rn" if cfg.vision.arch == "resnet" else "openai")
+    return ref, cfg, pure_to_params(state_dict_to_pure(sd, cfg, family), cfg)

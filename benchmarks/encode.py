@@ -41,14 +41,11 @@ def main(argv=None) -> dict:
 
     import jax
     import jax.numpy as jnp
-    import open_clip
     import torch
 
-    import clipjax
     from clipjax import layers
-    from clipjax.checkpoint import pure_to_params
-    from clipjax.convert.core import state_dict_to_pure
     from clipjax.models import clip as F
+    from common import open_clip_pair
 
     variant = None
     if args.variant:
@@ -58,12 +55,7 @@ def main(argv=None) -> dict:
         variant = getattr(importlib.import_module(module), name)
     gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
-    torch.manual_seed(0)
-    ref = open_clip.create_model(args.arch, pretrained=None).eval().to(dev)
-    cfg = clipjax.get_config(args.arch)
-    sd = {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
-    family = "open_clip_siglip" if cfg.is_siglip else ("openai_rn" if cfg.vision.arch == "resnet" else "openai")
-    params = pure_to_params(state_dict_to_pure(sd, cfg, family), cfg)
+    ref, cfg, params = open_clip_pair(args.arch, dev)
 
     rng = np.random.default_rng(0)
     s = cfg.vision.image_size

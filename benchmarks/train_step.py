@@ -44,26 +44,20 @@ def interleaved(fa, fb, pairs: int, warmup: int = 1) -> dict:
 def bench_arch(arch: str, batch: int, pairs: int, dtype: str, gpu: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
-    import open_clip
     import torch
     from open_clip.loss import ClipLoss
 
-    import clipjax
     from clipjax import losses
-    from clipjax.checkpoint import pure_to_params
-    from clipjax.convert.core import state_dict_to_pure
     from clipjax.models import clip as F
+    from common import open_clip_pair
     from clipjax.train import TrainConfig, init_state, make_optimizer, make_train_step
     from clipjax.train.observe import compiled_flops, peak_flops
     from clipjax.train.step import normalize_images
 
     dev = "cuda" if gpu else "cpu"
-    torch.manual_seed(0)
-    ref = open_clip.create_model(arch, pretrained=None, output_dict=True).to(dev).train()
-    cfg = clipjax.get_config(arch).replace(dtype=dtype)
-    sd = {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
-    family = "openai_rn" if cfg.vision.arch == "resnet" else "openai"
-    model_state = pure_to_params(state_dict_to_pure(sd, cfg, family), cfg)
+    ref, cfg, model_state = open_clip_pair(arch, dev, output_dict=True)
+    ref.train()
+    cfg = cfg.replace(dtype=dtype)
 
     tc = TrainConfig(loss="clip", batch_size=batch, total_steps=10_000, warmup_steps=10, lr=5e-4,
                      grad_clip_norm=1.0, dtype=dtype)

@@ -54,6 +54,22 @@ CAPTIONS = ("an astronaut in a white space suit with an american flag", "a ginge
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A random-init tiny clipjax checkpoint (`helpers.tiny_checkpoint`), shared by the command-line tests."""
+    from helpers import tiny_checkpoint
+
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def model(model_dir):
+    """`clipjax.load(model_dir)`."""
+    import clipjax
+
+    return clipjax.load(model_dir)
+
+
+@pytest.fixture(scope="session")
 def photos():
     """Real photos shipped with scikit-image, uint8 [H, W, 3]."""
     import skimage.data

@@ -39,13 +39,6 @@ TEXTS = ["a photo of a cat", "an image of the moon", "a red rocket", "a person i
          "a motorbike on a street", "a blue sky"]
 
 
-@pytest.fixture(autouse=True)
-def interpret_registered(monkeypatch):
-    """The integrator adds the module to `clipjax.cli.COMMANDS`; until then the test adds it."""
-    if "clipjax.cli.interpret" not in clipjax.cli.COMMANDS:
-        monkeypatch.setattr(clipjax.cli, "COMMANDS", tuple(clipjax.cli.COMMANDS) + ("clipjax.cli.interpret",))
-
-
 def _save(folder, vision, random=True):
     """A tiny checkpoint with `vision` fields (random init, or zeros: only for the error cases, which stop
     before the params are used)."""

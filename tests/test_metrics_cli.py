@@ -20,18 +20,7 @@ import numpy as np
 import pytest
 
 import clipjax
-from helpers import tiny_checkpoint
 from clipjax.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return clipjax.load(model_dir)
 
 
 def _photos(size=None):

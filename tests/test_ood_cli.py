@@ -17,7 +17,6 @@ import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 import clipjax
-from helpers import tiny_checkpoint
 from clipjax.cli import main
 
 ID_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -26,11 +25,6 @@ CLASSES = ["person", "cat", "cup", "rocket"]
 WORDS = ["table", "river", "cloud", "engine", "garden", "violin", "pencil", "mountain", "bottle", "ladder",
          "window", "carpet", "tunnel", "feather", "anchor", "candle", "wheel", "basket", "bridge", "kettle"]
 ADJS = ["red", "quiet", "ancient", "smooth", "bright", "heavy", "narrow", "golden"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 
 def _photo(name):

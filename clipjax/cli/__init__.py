@@ -1,6 +1,6 @@
 """`clipjax` command line (this package): convert, export, info here; eval / score in `evaluate`, ood in
 `ood`, curate (MetaCLIP) in `curate`, data convert in `data`, embed in `embed`, interpret (TextSpan heads,
-CCS pruning) in `interpret`; `inputs` holds the
+CCS pruning) in `interpret`, robust eval in `robust`; `inputs` holds the
 encoder and the image / caption / tfds readers they share.
 
     clipjax convert SRC OUT [--arch NAME | --config FILE] [--tokenizer DIR] [--overwrite]
@@ -21,7 +21,7 @@ from clipjax.data.errors import DataError
 
 # sub-command modules that add themselves with `register(subparsers)`
 COMMANDS = ("clipjax.cli.evaluate", "clipjax.cli.ood", "clipjax.cli.curate", "clipjax.cli.data", "clipjax.cli.embed",
-            "clipjax.cli.interpret")
+            "clipjax.cli.interpret", "clipjax.cli.robust")
 
 
 def _convert(args) -> int:
