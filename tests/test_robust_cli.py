@@ -234,3 +234,20 @@ def test_errors(model_dir, files, tmp_path, capsys, case, message):
     code, stdout, err = _run(capsys, ["robust", "eval", "--no-progress"] + [t for kv in args.items() for t in kv])
     assert code == 2 and stdout == ""
     assert err.startswith("clipjax robust: error:") and err.count("\n") == 1 and message in err, err
+
+
+def test_tfds_dataset_form_on_mock_data(model_dir, capsys):
+    """The `--dataset` form reads a tfds split (tensorflow-datasets' mock data: random images and labels), with
+    cifar10's class names and templates as `clipjax eval zeroshot` uses them."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=11):
+        code, stdout, err = _run(capsys, ["robust", "eval", "--model", model_dir, "--dataset", "cifar10",
+                                          "--attack", "pgd", "--eps", "0,8/255", "--steps", "2", "--limit", "10",
+                                          "--batch-size", "8", "--no-progress"])
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["num_examples"] == 10 and res["num_classes"] == 10 and res["dataset"] == "cifar10"
+    zero, eight = res["results"]
+    assert zero["robust_accuracy"] == zero["clean_accuracy"]  # eps 0 changes no pixel
+    assert eight["robust_accuracy"] <= eight["clean_accuracy"] == zero["clean_accuracy"]

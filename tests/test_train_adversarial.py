@@ -340,6 +340,8 @@ def test_adversarial_configs_and_batches_are_refused_by_name(setup, tmp_path):
     resnet = clipjax.get_config("RN50")
     with pytest.raises(ConfigError, match="needs a ViT image tower"):
         check_compatible(resnet, TrainConfig(loss="fare", batch_size=8, lock_text=True), None)
+    with pytest.raises(ConfigError, match="patch_dropout=0.5 is not supported"):
+        check_compatible(cfg, TrainConfig(loss="advflyp", batch_size=8, patch_dropout=0.5), None)
     with pytest.raises(ConfigError, match="adv_eps=2.0"):
         TrainConfig(loss="fare", adv_eps=2.0)
     b = dict(setup["batches"][0])

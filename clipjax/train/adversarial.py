@@ -39,8 +39,11 @@ def check_compatible(model_config: CLIPConfig, cfg: TrainConfig) -> None:
     if cfg.loss in ("tecoa", "pmg-aft", "fare") and not cfg.lock_text:
         raise ConfigError(f"loss={cfg.loss!r} fine-tunes the image tower only: set lock_text=True (otherwise weight "
                           "decay would still move the text tower)")
-    if cfg.micro_batches > 1:
-        raise ConfigError(f"loss={cfg.loss!r} with micro_batches > 1 is not supported")
+    for name, off in (("micro_batches", 1), ("patch_dropout", 0.0), ("loss_block_size", None),
+                      ("label_smoothing", 0.0)):
+        if getattr(cfg, name) != off:
+            raise ConfigError(f"loss={cfg.loss!r} with {name}={getattr(cfg, name)!r} is not supported (the "
+                              f"adversarial losses run unmasked, unaccumulated and unstreamed): leave it at {off!r}")
 
 
 def pixels01(images: jax.Array) -> jax.Array:
@@ -61,11 +64,6 @@ def _embed(params, x01, config: CLIPConfig) -> jax.Array:
 
 def _class_logits(emb_raw, class_weights, scale: float) -> jax.Array:
     return scale * F.l2_normalize(emb_raw) @ class_weights.T
-
-
-def _ce(logits, labels) -> jax.Array:
-    """Per-example cross-entropy `[B]`."""
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
 
 
 def adversarial_loss_and_grads(params, batch: dict, frozen: dict, key: jax.Array, *, model_config: CLIPConfig,
