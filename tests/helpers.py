@@ -46,3 +46,45 @@ def randomise_norms(model):
                 m.running_var.copy_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
             if type(m).__name__ == "LayerScale":
                 m.gamma.copy_(0.5 + 0.5 * torch.rand(m.gamma.shape, generator=g))
+
+
+TINY_OPEN_CLIP = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
+                      text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+
+
+def randomise_attention_biases(model):
+    """Random q/k/v and out-proj biases of a torch model, in place: torch starts them at zero, which would hide
+    bias-mapping bugs (and the out-bias share of a decomposition)."""
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.MultiheadAttention):
+                mod.in_proj_bias.copy_(0.1 * torch.randn(mod.in_proj_bias.shape, generator=g))
+                mod.out_proj.bias.copy_(0.1 * torch.randn(mod.out_proj.bias.shape, generator=g))
+
+
+def open_clip_and_clipjax(folder, cfg: dict | None = None, *, randomise: bool = False):
+    """A random-init `open_clip.CLIP(**cfg)` (eval mode; seed 0) and the clipjax `Model` converted from its saved
+    state dict with the open_clip JSON (`load_pytorch(..., config=...)`). `randomise`: random norms and attention
+    biases first (`randomise_norms`, `randomise_attention_biases`)."""
+    import json
+    import os
+
+    import open_clip
+    import torch
+
+    from clipjax.convert.api import load_pytorch
+
+    cfg = TINY_OPEN_CLIP if cfg is None else cfg
+    torch.manual_seed(0)
+    tm = open_clip.CLIP(**cfg).eval()
+    if randomise:
+        randomise_norms(tm)
+        randomise_attention_biases(tm)
+    folder = str(folder)
+    torch.save(tm.state_dict(), os.path.join(folder, "m.bin"))
+    with open(os.path.join(folder, "cfg.json"), "w") as f:
+        json.dump(cfg, f)
+    return tm, load_pytorch(os.path.join(folder, "m.bin"), config=os.path.join(folder, "cfg.json"))

@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_scaled, randomise_norms
+from helpers import assert_close_scaled, open_clip_and_clipjax
 
 import clipjax
-from clipjax.convert.api import load_pytorch
 from clipjax.interpret import decompose, explicit, textspan
 from clipjax.models.clip import encode_image, encode_text, init_params
 from clipjax.preprocess import preprocess
@@ -56,26 +53,8 @@ def _model_cfg(ls):
                                                                  layers=2))
 
 
-def _randomise_attention_biases(tm):
-    """torch initialises the q/k/v and out-proj biases to zero, which would hide the out-bias share b_O / (N H)."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for mod in tm.modules():
-            if isinstance(mod, torch.nn.MultiheadAttention):
-                mod.in_proj_bias.copy_(0.1 * torch.randn(mod.in_proj_bias.shape, generator=g))
-                mod.out_proj.bias.copy_(0.1 * torch.randn(mod.out_proj.bias.shape, generator=g))
-
-
 def _build(tmp_path_factory, ls):
-    cfg = _model_cfg(ls)
-    torch.manual_seed(0)
-    tm = open_clip.CLIP(**cfg).eval()
-    randomise_norms(tm)
-    _randomise_attention_biases(tm)
-    folder = tmp_path_factory.mktemp("interp")
-    torch.save(tm.state_dict(), folder / "m.bin")
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return tm, load_pytorch(str(folder / "m.bin"), config=str(folder / "cfg.json"))
+    return open_clip_and_clipjax(tmp_path_factory.mktemp("interp"), _model_cfg(ls), randomise=True)
 
 
 @pytest.fixture(scope="module")

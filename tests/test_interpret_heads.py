@@ -14,17 +14,14 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import jax
 import numpy as np
-import open_clip
 import pytest
 import torch
-from helpers import assert_close_scaled, randomise_norms
+from helpers import assert_close_scaled, open_clip_and_clipjax
 
 import clipjax
-from clipjax.convert.api import load_pytorch
 from clipjax.interpret import heads as H
 from clipjax.models.clip import encode_image, encode_text
 from clipjax.preprocess import preprocess
@@ -38,19 +35,7 @@ CFG = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=2, width=64, patc
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    torch.manual_seed(0)
-    tm = open_clip.CLIP(**CFG).eval()
-    randomise_norms(tm)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # torch starts these biases at zero
-        for mod in tm.modules():
-            if isinstance(mod, torch.nn.MultiheadAttention):
-                mod.in_proj_bias.copy_(0.1 * torch.randn(mod.in_proj_bias.shape, generator=g))
-                mod.out_proj.bias.copy_(0.1 * torch.randn(mod.out_proj.bias.shape, generator=g))
-    folder = tmp_path_factory.mktemp("heads")
-    torch.save(tm.state_dict(), folder / "m.bin")
-    (folder / "cfg.json").write_text(json.dumps(CFG))
-    return tm, load_pytorch(str(folder / "m.bin"), config=str(folder / "cfg.json"))
+    return open_clip_and_clipjax(tmp_path_factory.mktemp("heads"), CFG, randomise=True)
 
 
 def _ccs_modify(tm, model_heads, resblocks):

@@ -23,19 +23,15 @@ scale). FLOPs: XLA's count with condensation is below the plain forward's; token
 
 from __future__ import annotations
 
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import open_clip
 import pytest
-import torch
-from helpers import assert_close_scaled, randomise_norms
+from helpers import assert_close_scaled, open_clip_and_clipjax
 
 import clipjax
-from clipjax.convert.api import load_pytorch
 from clipjax.interpret import explicit, tca
 from clipjax.models.clip import encode_image
 from clipjax.preprocess import preprocess
@@ -52,19 +48,7 @@ def tiny(tmp_path_factory):
     cfg = dict(embed_dim=16, quick_gelu=True,
                vision_cfg=dict(image_size=64, layers=4, width=32, patch_size=8, head_width=16),
                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    torch.manual_seed(0)
-    tm = open_clip.CLIP(**cfg).eval()
-    randomise_norms(tm)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for mod in tm.modules():
-            if isinstance(mod, torch.nn.MultiheadAttention):
-                mod.in_proj_bias.copy_(0.1 * torch.randn(mod.in_proj_bias.shape, generator=g))
-                mod.out_proj.bias.copy_(0.1 * torch.randn(mod.out_proj.bias.shape, generator=g))
-    folder = tmp_path_factory.mktemp("tca")
-    torch.save(tm.state_dict(), folder / "m.bin")
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    model = load_pytorch(str(folder / "m.bin"), config=str(folder / "cfg.json"))
+    tm, model = open_clip_and_clipjax(tmp_path_factory.mktemp("tca"), cfg, randomise=True)
     assert model.config.vision.act == "quick_gelu"
     return tm, model
 

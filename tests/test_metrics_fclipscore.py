@@ -28,16 +28,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomise_norms, tiny_checkpoint
+from helpers import open_clip_and_clipjax, tiny_checkpoint
 from open_clip.tokenizer import SimpleTokenizer
 
 import clipjax
 from clipjax.cli import main
-from clipjax.convert.api import load_pytorch
 from clipjax.metrics import fclipscore as fcs
 from clipjax.preprocess import preprocess
 from clipjax.tokenizer import Tokenizer
@@ -53,19 +51,7 @@ CAPTIONS = ["a cup of coke", "An astronaut, holding a flag... near the rocket!",
 def tiny(tmp_path_factory):
     cfg = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=4))
-    torch.manual_seed(0)
-    tm = open_clip.CLIP(**cfg).eval()
-    randomise_norms(tm)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for mod in tm.modules():
-            if isinstance(mod, torch.nn.MultiheadAttention):
-                mod.in_proj_bias.copy_(0.1 * torch.randn(mod.in_proj_bias.shape, generator=g))
-                mod.out_proj.bias.copy_(0.1 * torch.randn(mod.out_proj.bias.shape, generator=g))
-    folder = tmp_path_factory.mktemp("fclip")
-    torch.save(tm.state_dict(), folder / "m.bin")
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return tm, load_pytorch(str(folder / "m.bin"), config=str(folder / "cfg.json"))
+    return open_clip_and_clipjax(tmp_path_factory.mktemp("fclip"), cfg, randomise=True)
 
 
 # ----------------------------------------------------------------------------- official computation (torch)

@@ -219,20 +219,13 @@ def torch_one_thread():
 
 @pytest.mark.parity
 def test_pgd_vit_matches_torch_open_clip(tmp_path, torch_one_thread):
-    import json
 
-    import open_clip
     import torch
 
-    import clipjax.convert.api as api
 
-    cfg = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    torch.manual_seed(0)
-    tm = open_clip.CLIP(**cfg).eval()
-    torch.save(tm.state_dict(), tmp_path / "m.bin")
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    model = api.load_pytorch(str(tmp_path / "m.bin"), config=str(tmp_path / "cfg.json"))
+    from helpers import open_clip_and_clipjax
+
+    tm, model = open_clip_and_clipjax(tmp_path)
     tm = tm.double()
 
     from sklearn.datasets import load_digits

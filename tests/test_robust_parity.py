@@ -23,13 +23,11 @@
    eps = 1/255 leaves robust accuracy strictly between 0 and the clean accuracy (asserted).
 """
 
-import json
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torchattacks
@@ -135,17 +133,11 @@ def test_apgd_single_run_matches_autoattack(norm, loss, eps):
 # ----------------------------------------------------------------------------- 2. robust accuracy on a ViT
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
-    import clipjax.convert.api as api
     from clipjax.models.clip import encode_image
 
-    folder = tmp_path_factory.mktemp("vit")
-    cfg = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    torch.manual_seed(0)
-    tm = open_clip.CLIP(**cfg).eval()
-    torch.save(tm.state_dict(), folder / "m.bin")
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    model = api.load_pytorch(str(folder / "m.bin"), config=str(folder / "cfg.json"))
+    from helpers import open_clip_and_clipjax
+
+    tm, model = open_clip_and_clipjax(tmp_path_factory.mktemp("vit"))
 
     x, y = _digits(4)
     x = x.astype(np.float32)

@@ -19,7 +19,6 @@ Tolerances:
 """
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -233,19 +232,10 @@ def official_ttc_torch(encode, X, delta0, *, eps, alpha, attack_iters, tau_thres
 
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
-    import open_clip
-    import torch
+    from helpers import open_clip_and_clipjax
 
-    from clipjax.convert.api import load_pytorch
-
-    cfg = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    p = tmp_path_factory.mktemp("tiny_vit")
-    torch.manual_seed(0)
-    tm = open_clip.CLIP(**cfg).eval()
-    torch.save(tm.state_dict(), p / "m.bin")
-    (p / "cfg.json").write_text(json.dumps(cfg))
-    return tm.double(), load_pytorch(str(p / "m.bin"), config=str(p / "cfg.json"))
+    tm, model = open_clip_and_clipjax(tmp_path_factory.mktemp("tiny_vit"))
+    return tm.double(), model
 
 
 @pytest.mark.parity
