@@ -105,6 +105,15 @@ def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def standardize(pixels01, config: PreprocessConfig):
+    """Pixels already in [0, 1] `[..., 3]` -> `(x - mean) / std` with `config`'s mean and std.
+
+    numpy or jax input (a jax array stays one, and the function is traceable): the step after which
+    the attacks of `clipjax.robust` and the train step's uint8 path hand images to the model.
+    """
+    return (pixels01 - np.asarray(config.mean, np.float32)) / np.asarray(config.std, np.float32)
+
+
 def preprocess(images, config: PreprocessConfig | None = None, image_size: int = 224,
                num_workers: int = 0) -> np.ndarray:
     """CLIP eval transform of a batch of images.

@@ -79,13 +79,11 @@ def robust_sweep(model, src, x01, labels, key, *, epsilons, apgd_steps: int) -> 
 
 
 def _embed_fn(model):
-    import jax.numpy as jnp
-
     from clipjax.models import clip as F
+    from clipjax.preprocess import standardize
 
-    mean = jnp.asarray(model.config.preprocess.mean, jnp.float32)
-    std = jnp.asarray(model.config.preprocess.std, jnp.float32)
-    return lambda x: F.encode_image(model.params, (x - mean) / std, config=model.config, normalize=False)
+    return lambda x: F.encode_image(model.params, standardize(x, model.config.preprocess), config=model.config,
+                                    normalize=False)
 
 
 def ttc_recovery(model, src, x01, labels, key, *, epsilons) -> list[dict]:
@@ -153,9 +151,10 @@ def head_effects(model, src, x01, labels) -> tuple[np.ndarray, list[float]]:
     import jax.numpy as jnp
 
     from clipjax.interpret.decompose import decompose_image, mean_ablation_sweep
+    from clipjax.preprocess import standardize
 
     cfg = model.config
-    pixels = (jnp.asarray(x01) - jnp.asarray(cfg.preprocess.mean)) / jnp.asarray(cfg.preprocess.std)
+    pixels = standardize(jnp.asarray(x01), cfg.preprocess)
     parts = decompose_image(model.params, pixels, config=cfg, level="head")
     norms = np.asarray(jnp.linalg.norm(parts["attn"], axis=-1).mean(0))  # [L, H]
     w = classifier(model, src)
@@ -170,9 +169,10 @@ def token_condensation(model, src, x01, labels, ratios=(0.0, 0.1, 0.2, 0.25)) ->
     import jax.numpy as jnp
 
     from clipjax.interpret.tca import forward_flops, tca_forward
+    from clipjax.preprocess import standardize
 
     cfg = model.config
-    pixels = (jnp.asarray(x01) - jnp.asarray(cfg.preprocess.mean)) / jnp.asarray(cfg.preprocess.std)
+    pixels = standardize(jnp.asarray(x01), cfg.preprocess)
     w = classifier(model, src)
     rows = []
     for r in ratios:

@@ -28,6 +28,7 @@ from jax.tree_util import Partial
 
 from clipjax import checks
 from clipjax.models.clip import encode_image
+from clipjax.preprocess import standardize
 from clipjax.robust.apgd import check_apgd_classes, run_apgd
 from clipjax.robust.attacks import (_pgd, _random_start_l2, _random_start_linf, as_partial, check_choice,
                                     check_images, check_labels, check_radius, classifier_objective, num_classes)
@@ -67,15 +68,13 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------- the attacked classifier
 @functools.lru_cache(maxsize=None)
 def _zero_shot_forward(config) -> Callable:
-    mean = np.asarray(config.preprocess.mean, np.float32)
-    std = np.asarray(config.preprocess.std, np.float32)
     size = config.vision.image_size
 
     def forward(params, class_weights, scale, pixels01):
         if pixels01.ndim != 4 or tuple(pixels01.shape[1:]) != (size, size, 3):
             raise ValueError(f"pixels must be [B, {size}, {size}, 3] (the model's resolution; nothing is resized "
                              f"inside the attacked forward), got shape {tuple(pixels01.shape)}")
-        pixels = ((pixels01 - mean) / std).astype(jnp.float32)
+        pixels = standardize(pixels01, config.preprocess).astype(jnp.float32)
         embedding = encode_image(params, pixels, config=config, normalize=True)
         return scale * (embedding @ class_weights.T)
 

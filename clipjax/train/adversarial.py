@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from clipjax.config import CLIPConfig, ConfigError
 from clipjax.models import clip as F
+from clipjax.preprocess import standardize
 from clipjax.robust import attacks, finetune
 from clipjax.train.config import TrainConfig
 
@@ -51,15 +52,9 @@ def pixels01(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 255.0
 
 
-def _normalize(x01: jax.Array, config: CLIPConfig) -> jax.Array:
-    mean = jnp.asarray(config.preprocess.mean, jnp.float32)
-    std = jnp.asarray(config.preprocess.std, jnp.float32)
-    return (x01 - mean) / std
-
-
 def _embed(params, x01, config: CLIPConfig) -> jax.Array:
     """Raw (unnormalised) image embeddings `[B, E]` float32 of pixels in [0, 1]."""
-    return F.encode_image(params, _normalize(x01, config), config=config, normalize=False)
+    return F.encode_image(params, standardize(x01, config.preprocess), config=config, normalize=False)
 
 
 def _class_logits(emb_raw, class_weights, scale: float) -> jax.Array:

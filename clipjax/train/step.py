@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from clipjax import losses
 from clipjax.config import CLIPConfig, ConfigError
 from clipjax.models import clip as F
+from clipjax.preprocess import standardize
 from clipjax.sharding import logical_to_spec
 from clipjax.train import adversarial
 from clipjax.train.config import ADVERSARIAL_LOSSES, TrainConfig
@@ -47,9 +48,7 @@ Batch = dict[str, jax.Array]
 def normalize_images(images: jax.Array, config: CLIPConfig) -> jax.Array:
     """uint8 `[B, H, W, 3]` -> `(x / 255 - mean) / std` float32; float input is returned as is."""
     if images.dtype == jnp.uint8:
-        mean = jnp.asarray(config.preprocess.mean, jnp.float32)
-        std = jnp.asarray(config.preprocess.std, jnp.float32)
-        return (images.astype(jnp.float32) / 255.0 - mean) / std
+        return standardize(images.astype(jnp.float32) / 255.0, config.preprocess)
     return images
 
 
