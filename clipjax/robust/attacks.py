@@ -48,17 +48,16 @@ def as_partial(fn: Callable) -> Partial:
 
 @jax.jit
 def _range_stats(x):
-    return jnp.min(x), jnp.max(x), jnp.all(jnp.isfinite(x))
+    return jnp.min(x), jnp.max(x)
 
 
 def check_images(x: Any, *, validate: bool = True, name: str = "x") -> jax.Array:
     """`x` as a `[B, H, W, 3]` floating array; when concrete, all values finite and in [0, 1]."""
     x = checks.array(name, x, "[B, H, W, C]", sizes={"C": 3})
     if validate and checks.is_concrete(x):
+        checks.finite(name, x)
         with jax.ensure_compile_time_eval():
-            lo, hi, finite = (np.asarray(v) for v in _range_stats(x))
-        if not finite:
-            raise ValueError(f"{name} holds NaN or inf; expected pixels in [0, 1]")
+            lo, hi = (np.asarray(v) for v in _range_stats(x))
         if lo < 0 or hi > 1:
             raise ValueError(f"{name} must hold pixels in [0, 1] (before CLIP normalisation), "
                              f"got values in [{float(lo):.6g}, {float(hi):.6g}]")

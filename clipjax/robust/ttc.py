@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipjax import checks
+from clipjax.robust.attacks import check_images
 
-__all__ = ["counterattack_weights", "tau_thresholded_counterattack", "check_unit_interval"]
+__all__ = ["counterattack_weights", "tau_thresholded_counterattack"]
 
 EmbedFn = Callable[[jax.Array], jax.Array]
 
@@ -54,18 +55,6 @@ def counterattack_weights(steps: int = 2, beta: float = 2.0) -> np.ndarray:
     z = float(beta) * np.arange(steps + 1, dtype=np.float64)
     e = np.exp(z - z.max())
     return e / e.sum()
-
-
-def check_unit_interval(name: str, x, *, validate: bool = True) -> None:
-    """Raise `ValueError` if a concrete `x` holds NaN/inf or a value outside [0, 1] (pixel range)."""
-    if not validate or not checks.is_concrete(x):
-        return
-    checks.finite(name, x)
-    with jax.ensure_compile_time_eval():
-        lo, hi = float(jnp.min(x)), float(jnp.max(x))
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"{name} must hold pixels in [0, 1] (before CLIP normalisation), "
-                         f"got values in [{lo:.6g}, {hi:.6g}]")
 
 
 def _non_negative_int(name: str, value) -> int:
@@ -90,8 +79,7 @@ def _python_float(name: str, value, lo: float | None = None, hi: float | None = 
 def check_pixels_and_noise(x, delta0, eps: float, validate: bool, names=("x", "delta0")):
     """Shared input checks of the pixel-space attacks: `x` `[B, H, W, C]` in [0, 1], and an injected
     `delta0` of the same shape with |delta0| <= eps. Returns `(x, delta0)` as arrays (delta0 may be None)."""
-    x = checks.array(names[0], x, "[B, H, W, C]")
-    check_unit_interval(names[0], x, validate=validate)
+    x = check_images(x, validate=validate, name=names[0])
     if delta0 is None:
         return x, None
     delta0 = checks.array(names[1], delta0, "[B, H, W, C]")
