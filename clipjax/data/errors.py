@@ -15,6 +15,7 @@ KINDS = (
     "unreadable_file",  # an image or metadata file that cannot be read (I/O error, permission, bad JSON)
     "bad_shard",        # a tar shard that is truncated or corrupt: examples after the damage are lost
     "empty_shard",      # a shard with no complete example
+    "label",            # a missing, non-integer, negative or out-of-range class label (`DataConfig.label_key`)
 )
 
 

@@ -4,8 +4,17 @@
 
     {"image": uint8 [b, S, S, 3], "text": int32 [b, L], "__key__": str [b]}
 
-(`b` = global batch / process count; `__key__` is bookkeeping the trainer does not send to devices)
-with `get_state()` / `set_state()` for the trainer's checkpoints.
+plus `"label": int32 [b]` (class indices, in [0, C) when the C class names are known) when the
+config names a `label_key` (`b` = global batch / process count; `__key__` is bookkeeping the
+trainer does not send to devices), with `get_state()` / `set_state()` for the trainer's
+checkpoints and `classnames` (the C class names in label order, or None) for class text embeddings.
+
+Labels. `label_key` names where each example's class index is stored: the tar member
+`KEY.<label_key>` (webdataset's `cls`: an ASCII integer, surrounding whitespace allowed), the table
+column / JSON key, or the tfds integer feature (a `ClassLabel`). `classnames` is a text file of
+class names, one per line in label order, or `"tfds"` for the names of the tfds ClassLabel. A
+classification source without captions (ImageNet) sets `caption_template` (TeCoA trains with
+`"This is a photo of a {}"`): every caption is `caption_template.format(classnames[label])`.
 
 Order. Random-access sources (tables, tfds) are read in a global order: a grain `MapDataset`
 shuffle of all indices, reshuffled every epoch (`shuffle(seed).repeat()`); process `p` of `n`
@@ -25,14 +34,17 @@ counters here) is a JSON-able dict: restored in a new process, the next batches 
 uninterrupted iterator would have given. It is per process: a run resumes with the process count
 that saved it (the trainer says so when it differs).
 
-Bad data. An example that cannot be read, decoded or captioned is skipped and counted by kind
-(`clipjax.data.errors.KINDS`); the counts come with the training metrics (`bad_counts()`). Once
-at least `bad_check_after` examples were seen, a skipped fraction above `max_bad_fraction` stops
-the run with `DataError` naming the counts and the latest reasons.
+Bad data. An example that cannot be read, decoded or captioned, or whose label is missing, not an
+integer, negative or not below the number of class names (kind `label`), is skipped and counted by
+kind (`clipjax.data.errors.KINDS`); the counts come with the training
+metrics (`bad_counts()`). Once at least `bad_check_after` examples were seen, a skipped fraction
+above `max_bad_fraction` stops the run with `DataError` naming the counts and the latest reasons.
 """
 
 from __future__ import annotations
 
+import re
+import string
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -46,6 +58,8 @@ from clipjax.data.errors import KINDS, BadExample, DataError
 
 KEY = "__key__"
 _SKIPPED = "_skipped"
+# the kinds counted here: the readers' and transforms' kinds, and examples whose label is unusable
+_TEMPLATE_FIELDS = ("", "0", "c")  # `{}`, `{0}` or `{c}`: the class name
 
 
 @dataclass(frozen=True)
@@ -54,8 +68,19 @@ class DataConfig:
 
     Attributes:
       source: a source spec (`clipjax.data.sources`): tar shard pattern, CSV/TSV/JSONL path or `tfds:NAME[:SPLIT]`.
-      img_key, caption_key: table columns / JSON keys (open_clip's `--csv-img-key`, `--csv-caption-key`).
+      img_key, caption_key: table columns / JSON keys (open_clip's `--csv-img-key`, `--csv-caption-key`);
+        for tfds the feature names. `caption_key=None`: the source has no captions (needs `caption_template`).
       caption_list_key: JSON key or column holding extra captions (LaCLIP); one caption is drawn per epoch.
+      label_key: where the class index is (batches gain `label` int32 [b]): the tar member extension
+        (`cls`: an ASCII integer), the table column / JSON key, or the tfds integer feature (`label`).
+        A missing or unusable label (not an integer, negative, >= the number of classnames) makes the
+        example bad (kind `label`). None: no labels.
+      classnames: a UTF-8 text file of class names, one per line in label order (`Batches.classnames`),
+        or `"tfds"`: the names of the tfds ClassLabel feature `label_key`. Needs `label_key`.
+      caption_template: every example's caption is `caption_template.format(classnames[label])` (`{}`,
+        `{0}` or `{c}` stands for the name; TeCoA: `"This is a photo of a {}"`); the source's own
+        captions are not read. Needs `label_key` and `classnames`; `caption_key` must be None or left
+        at its default, `caption_list_key` None.
       image_root: folder that relative table image paths are resolved against (default: the table's folder).
       shuffle_buffer: streamed sources: examples per shuffle window (1: no example shuffle).
       cycle_length: streamed sources: shards read at once (per worker).
@@ -72,8 +97,11 @@ class DataConfig:
 
     source: str
     img_key: str = "filepath"
-    caption_key: str = "title"
+    caption_key: str | None = "title"
     caption_list_key: str | None = None
+    label_key: str | None = None
+    classnames: str | None = None
+    caption_template: str | None = None
     image_root: str | None = None
     shuffle_buffer: int = 2000
     cycle_length: int = 4
@@ -94,6 +122,92 @@ class DataConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0")
+        for name in ("label_key", "classnames", "caption_template"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name}='' is empty; give a value or None")
+        if self.caption_template is not None:
+            missing = [n for n in ("label_key", "classnames") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"caption_template={self.caption_template!r} makes captions from class names: it "
+                                 f"needs {' and '.join(missing)} (label_key: where the label is; classnames: a file "
+                                 "of names, or 'tfds')")
+            if self.caption_key not in (None, "title"):
+                raise ValueError(f"caption_template={self.caption_template!r} replaces the source's captions, but "
+                                 f"caption_key={self.caption_key!r} asks to read them; set caption_key=None")
+            if self.caption_list_key is not None:
+                raise ValueError(f"caption_template={self.caption_template!r} replaces the source's captions, but "
+                                 f"caption_list_key={self.caption_list_key!r} asks to read extra ones; set it to None")
+            check_template(self.caption_template)
+        elif self.caption_key is None:
+            raise ValueError("caption_key=None (the source has no captions) needs caption_template, e.g. "
+                             "'This is a photo of a {}', with label_key and classnames: there is neither a caption "
+                             "nor a template")
+        if self.classnames is not None and self.label_key is None:
+            raise ValueError(f"classnames={self.classnames!r} needs label_key (where each example's class index is)")
+        if self.classnames == "tfds" and not self.source.startswith("tfds:"):
+            raise ValueError(f"classnames='tfds' reads a tfds ClassLabel's names, but source={self.source!r} is not "
+                             "a tfds:NAME source; give classnames as a file (one name per line, in label order)")
+
+
+def check_template(template: str) -> None:
+    """Refuse a caption template whose fields are not all the class name (`{}`, `{0}` or `{c}`)."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"caption_template={template!r} is not a format string ({e})") from None
+    if not fields or any(f not in _TEMPLATE_FIELDS for f in fields):
+        raise ValueError(f"caption_template={template!r} must hold the class name as {{}}, {{0}} or {{c}} (and no "
+                         f"other field); found fields {fields}")
+    try:  # what parsing lets through and formatting refuses: `{}` beside `{0}`, a bad conversion or format spec
+        caption_from_template(template, "name")
+    except (ValueError, IndexError, KeyError) as e:
+        raise ValueError(f"caption_template={template!r} cannot be filled with a class name ({e})") from None
+
+
+def caption_from_template(template: str, name: str) -> str:
+    """`template` with the class name put in for `{}`, `{0}` or `{c}`."""
+    return template.format(name, c=name)
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
+_LABEL_MAX = int(np.iinfo(np.int32).max)  # batches hold int32 labels
+
+
+def parse_label(raw, num_classes: int | None = None) -> tuple[int | None, str]:
+    """A stored label -> `(class index, "")`, or `(None, why)` when it is missing or unusable.
+
+    `raw`: a Python/numpy integer, a 0-d integer array, or text / ASCII bytes holding a decimal
+    integer with optional surrounding whitespace (webdataset's `.cls`, a CSV cell). Floats and
+    booleans are not labels. The index must be >= 0, fit int32 and, when `num_classes` is known, be
+    < num_classes.
+    """
+    if raw is None:
+        return None, "no label"
+    value = None
+    if isinstance(raw, np.ndarray) and raw.ndim == 0:
+        raw = raw[()]
+    if isinstance(raw, (bytes, np.bytes_)):
+        try:
+            raw = bytes(raw).decode("ascii")
+        except UnicodeDecodeError:
+            return None, f"label {bytes(raw)[:40]!r} is not ASCII text"
+    if isinstance(raw, str) and not raw.strip():
+        return None, "no label (empty)"
+    if isinstance(raw, (bool, np.bool_)):
+        return None, f"label {raw!r} is a boolean, not a class index"
+    if isinstance(raw, (int, np.integer)):
+        value = int(raw)
+    elif isinstance(raw, str) and _INTEGER.fullmatch(raw.strip()):
+        value = int(raw.strip())
+    if value is None:
+        return None, f"label {str(raw)[:40]!r} is not an integer"
+    if value < 0:
+        return None, f"label {value} is negative"
+    if num_classes is not None and value >= num_classes:
+        return None, f"label {value} is not below the number of class names ({num_classes})"
+    if value > _LABEL_MAX:
+        return None, f"label {value} does not fit int32"
+    return value, ""
 
 
 def example_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -118,8 +232,9 @@ class _ReadRow:
 
 @dataclass(frozen=True)
 class _ToExample:
-    """Raw record -> `{"image": uint8 [S, S, 3], "caption": str, KEY: str}`, a `("bad", kind, why)`
-    tuple, or None when curation did not keep the key."""
+    """Raw record -> `{"image": uint8 [S, S, 3], "caption": str, KEY: str[, "label": int]}`, a
+    `("bad", kind, why)` tuple, or None when curation did not keep the key. With `label_key`, the
+    record's label is parsed first (`parse_label`, in [0, len(classnames)) when names are known)."""
 
     image_size: int
     seed: int
@@ -128,6 +243,9 @@ class _ToExample:
     augment: Any
     keep: frozenset | None
     resize_mode: str = "shortest"
+    label_key: str | None = None
+    classnames: tuple | None = None
+    caption_template: str | None = None
 
     def __call__(self, rec: dict):
         from clipjax.data import transforms as T
@@ -137,9 +255,17 @@ class _ToExample:
             return None
         if rec["bad"] is not None:
             return ("bad", rec["bad"], rec["why"])
+        label = None
+        if self.label_key is not None:
+            label, why = parse_label(rec.get("label"), None if self.classnames is None else len(self.classnames))
+            if label is None:
+                return ("bad", "label", f"{key}: {why} (label_key={self.label_key!r})")
         rng = example_rng(self.seed, rec.get("epoch", 0), key)
         captions = rec["captions"]
-        caption = captions[int(rng.integers(len(captions)))] if self.train and len(captions) > 1 else captions[0]
+        if self.caption_template is not None:
+            caption = caption_from_template(self.caption_template, self.classnames[label])
+        else:
+            caption = captions[int(rng.integers(len(captions)))] if self.train and len(captions) > 1 else captions[0]
         image = rec["image"]
         try:
             if isinstance(image, np.ndarray):  # decoded already (tfds Image features)
@@ -151,7 +277,10 @@ class _ToExample:
                 image = T.decode_for_eval(image, self.image_size, self.resize_mode, name=key)
         except BadExample as e:
             return ("bad", e.kind, str(e))
-        return {"image": image, "caption": caption, KEY: key}
+        out = {"image": image, "caption": caption, KEY: key}
+        if label is not None:
+            out["label"] = np.int32(label)
+        return out
 
 
 @dataclass(frozen=True)
@@ -170,12 +299,14 @@ class _Tokenize:
 # ----------------------------------------------------------------------------- streamed tar shards
 
 class TarShardDataset(grain.IterDataset):
-    """The raw records of one tar shard (`sources.iter_tar`), tagged with their epoch; its
-    iterator's state is the number of records read."""
+    """The raw records of one tar shard (`sources.iter_tar`, with `label_key` / `read_captions`),
+    tagged with their epoch; its iterator's state is the number of records read."""
 
-    def __init__(self, path: str, epoch: int, caption_list_key: str | None):
+    def __init__(self, path: str, epoch: int, caption_list_key: str | None, label_key: str | None = None,
+                 read_captions: bool = True):
         super().__init__()
         self.path, self.epoch, self.caption_list_key = path, epoch, caption_list_key
+        self.label_key, self.read_captions = label_key, read_captions
 
     def __iter__(self):
         return _TarShardIterator(self)
@@ -191,7 +322,8 @@ class _TarShardIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict:
         if self._records is None:
-            self._records = S.iter_tar(self._ds.path, skip=self._position, caption_list_key=self._ds.caption_list_key)
+            self._records = S.iter_tar(self._ds.path, skip=self._position, caption_list_key=self._ds.caption_list_key,
+                                       label_key=self._ds.label_key, read_captions=self._ds.read_captions)
         rec = next(self._records)
         self._position += 1
         rec["epoch"] = self._ds.epoch
@@ -208,22 +340,26 @@ class _TarShardIterator(grain.DatasetIterator):
 class _OpenShard:
     num_shards: int
     caption_list_key: str | None
+    label_key: str | None = None
+    read_captions: bool = True
 
     def __call__(self, position: int, path: str) -> TarShardDataset:
-        return TarShardDataset(path, position // self.num_shards, self.caption_list_key)
+        return TarShardDataset(path, position // self.num_shards, self.caption_list_key, self.label_key,
+                               self.read_captions)
 
 
 # ----------------------------------------------------------------------------- bad-data stages
 
 class _GoodBatches(grain.IterDataset):
     """Batches of good examples: drops bad ones (and those curation did not keep) and stacks
-    `batch_size` good ones; `_skipped` int32 [len(KINDS)] counts the bad examples dropped since
-    the previous batch, by kind. At the end of a finite read the last batch may be partial (or
-    empty, to report bad examples that came after the last good one)."""
+    `batch_size` good ones (`keys` of each example); `_skipped` int32 [len(KINDS)] counts the bad
+    examples dropped since the previous batch, by kind. At the end of a finite read the last batch
+    may be partial (or empty, to report bad examples that came after the last good one)."""
 
-    def __init__(self, parent, batch_size: int, drop_remainder: bool, guard: int):
+    def __init__(self, parent, batch_size: int, drop_remainder: bool, guard: int,
+                 keys: tuple = ("image", "caption", KEY)):
         super().__init__(parent)
-        self.batch_size, self.drop_remainder, self.guard = batch_size, drop_remainder, guard
+        self.batch_size, self.drop_remainder, self.guard, self.keys = batch_size, drop_remainder, guard, keys
 
     def __iter__(self):
         return _GoodBatchesIterator(self._parent.__iter__(), self)
@@ -260,7 +396,8 @@ class _GoodBatchesIterator(grain.DatasetIterator):
             rows.append(x)
         if self._done and self._ds.drop_remainder:
             rows = []
-        batch = {k: np.stack([r[k] for r in rows]) if rows else np.zeros((0,)) for k in ("image", "caption", KEY)}
+        batch = {k: np.stack([r[k] for r in rows]) if rows else np.zeros((0,), np.int32 if k == "label" else None)
+                 for k in self._ds.keys}
         batch[_SKIPPED] = np.asarray(skipped, np.int32)
         return batch
 
@@ -273,13 +410,19 @@ class _GoodBatchesIterator(grain.DatasetIterator):
 
 
 class Batches:
-    """This process's batches, with resumable state and bad-data counts (see the module docstring)."""
+    """This process's batches, with resumable state and bad-data counts (see the module docstring).
+
+    `classnames`: the class names in label order (tuple of C str; batch labels are in [0, C)), or
+    None when the config names no `classnames`: what the trainer and evaluators build class text
+    embeddings from (`caption_from_template` / templates over these names).
+    """
 
     def __init__(self, dataset: grain.IterDataset, *, batch_size: int, num_examples: int | None,
-                 max_bad_fraction: float, bad_check_after: int):
+                 max_bad_fraction: float, bad_check_after: int, classnames: tuple[str, ...] | None = None):
         self._iter = iter(dataset)
         self.batch_size = batch_size  # global
         self.num_examples = num_examples
+        self.classnames = classnames
         self.max_bad_fraction, self.bad_check_after = max_bad_fraction, bad_check_after
         self._good, self._bad = 0, [0] * len(KINDS)  # this process's totals
         self._batches = 0
@@ -323,7 +466,8 @@ class Batches:
 
     def set_state(self, state: dict) -> None:
         self._iter.set_state(state["grain"])
-        self._good, self._bad = int(state["good"]), [int(v) for v in state["bad"]]
+        bad = [int(v) for v in state["bad"]]  # states saved before a kind was added hold fewer counts
+        self._good, self._bad = int(state["good"]), bad + [0] * (len(KINDS) - len(bad))
         self._batches = int(state["batches"])
 
     def close(self) -> None:
@@ -337,14 +481,26 @@ class Batches:
 def open_source(config: DataConfig):
     """A random-access source object (`len`, `record(i)`, `key(i)`), or the shard paths of a streamed one."""
     spec = config.source
+    caption_key = None if config.caption_template is not None else config.caption_key  # None: no captions read
     if spec.startswith("tfds:"):
         from clipjax.data.tfds_source import TfdsSource
 
-        return TfdsSource.from_spec(spec, image_key=config.img_key, caption_key=config.caption_key,
-                                    data_dir=config.tfds_data_dir)
+        return TfdsSource.from_spec(spec, image_key=config.img_key, caption_key=caption_key,
+                                    data_dir=config.tfds_data_dir, label_key=config.label_key)
     if spec.endswith((".csv", ".tsv", ".jsonl")):
-        return S.Table.read(spec, config.img_key, config.caption_key, config.caption_list_key, config.image_root)
+        return S.Table.read(spec, config.img_key, caption_key, config.caption_list_key, config.image_root,
+                            label_key=config.label_key)
     return S.expand_shards(spec)
+
+
+def resolve_classnames(config: DataConfig, source=None) -> tuple[str, ...] | None:
+    """The config's class names: read from its file, from the tfds ClassLabel (`"tfds"`, `source` an
+    opened `TfdsSource`), or None."""
+    if config.classnames is None:
+        return None
+    if config.classnames == "tfds":
+        return (source if source is not None else open_source(config)).class_names()
+    return S.read_classnames(config.classnames)
 
 
 def make_batches(config: DataConfig, *, image_size: int, tokenizer: Callable, batch_size: int, seed: int = 0,
@@ -377,13 +533,17 @@ def make_batches(config: DataConfig, *, image_size: int, tokenizer: Callable, ba
         from clipjax.data.curate import read_kept_keys
 
         keep = frozenset(read_kept_keys(config.keep_keys))
-    to_example = _ToExample(image_size, seed, train, config.dct_downscale, augment, keep, resize_mode)
     src = open_source(config)
+    classnames = resolve_classnames(config, src)
+    to_example = _ToExample(image_size, seed, train, config.dct_downscale, augment, keep, resize_mode,
+                            config.label_key, classnames, config.caption_template)
     if isinstance(src, list):  # streamed tar shards
         shards = grain.MapDataset.source(src)
         if train:
             shards = shards.shuffle(seed)
-        shards = shards.repeat(num_epochs).map_with_index(_OpenShard(len(src), config.caption_list_key))[p::n]
+        open_shard = _OpenShard(len(src), config.caption_list_key, config.label_key,
+                                read_captions=config.caption_template is None)
+        shards = shards.repeat(num_epochs).map_with_index(open_shard)[p::n]
         ds = grain.experimental.InterleaveIterDataset(shards, cycle_length=config.cycle_length)
         if train and config.shuffle_buffer > 1:
             ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=config.shuffle_buffer, seed=seed)
@@ -396,7 +556,8 @@ def make_batches(config: DataConfig, *, image_size: int, tokenizer: Callable, ba
         order = order.repeat(num_epochs).map_with_index(_ReadRow(src, len(src)))[p::n]
         ds = order.map(to_example).to_iter_dataset()
         num_examples = len(src)
-    ds = _GoodBatches(ds, batch_size // n, drop_remainder=train, guard=config.bad_check_after)
+    keys = ("image", "caption", KEY) + (("label",) if config.label_key is not None else ())
+    ds = _GoodBatches(ds, batch_size // n, drop_remainder=train, guard=config.bad_check_after, keys=keys)
     ds = ds.map(_Tokenize(tokenizer))
     if config.num_workers:
         from absl import flags
@@ -406,4 +567,4 @@ def make_batches(config: DataConfig, *, image_size: int, tokenizer: Callable, ba
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
                                                          per_worker_buffer_size=config.worker_buffer))
     return Batches(ds, batch_size=batch_size, num_examples=num_examples, max_bad_fraction=config.max_bad_fraction,
-                   bad_check_after=config.bad_check_after)
+                   bad_check_after=config.bad_check_after, classnames=classnames)

@@ -4,20 +4,25 @@ Every reader yields *raw records*, plain dicts that worker processes turn into t
 (`clipjax.data.pipeline`):
 
     {"key": str, "image": bytes | uint8 [H, W, C] | None, "captions": [str, ...], "bad": kind | None,
-     "why": str}
+     "why": str[, "label": raw label | None]}
 
 `captions[0]` is the example's caption (`KEY.txt`, else the JSON's `caption`, or the table's caption
 column); LaCLIP-style extra captions (a list under `caption_list_key` in the JSON or table row)
-follow it. A record that cannot be used carries `bad` (one of `clipjax.data.errors.KINDS`) and a
-message in `why`, and is skipped and counted downstream; readers never raise on one bad example.
+follow it. A reader told that the source has no captions (`caption_key=None`: the pipeline makes
+them from the label) leaves `captions` empty. A reader given a `label_key` adds `label`: the value
+as stored (the bytes of the tar member `KEY.<label_key>`, the table cell or JSON value), None when
+the example has none; the pipeline parses and range-checks it (`clipjax.data.pipeline.parse_label`).
+A record that cannot be used carries `bad` (one of `clipjax.data.errors.KINDS`) and a message in
+`why`, and is skipped and counted downstream; readers never raise on one bad example.
 
 Source specs, written as on open_clip's or big_vision's command lines:
 
 * `shards/{00000..00127}.tar`, `shards/*.tar` or `a.tar,b.tar` (local paths): tar
   shards as img2dataset writes them (`KEY.jpg|jpeg|png|webp` with `KEY.txt` and/or `KEY.json`,
-  members of one example adjacent). Streamed: `TarShard` reads one shard front to back and its
-  position (examples read) is its whole state, so a restored reader re-opens the shard and skips
-  the examples already read, by seeking over their members.
+  members of one example adjacent; class labels as webdataset's ImageNet shards hold them:
+  `KEY.cls`). Streamed: `TarShard` reads one shard front to back and its position (examples
+  read) is its whole state, so a restored reader re-opens the shard and skips the examples
+  already read, by seeking over their members.
 * `FILE.csv`, `FILE.tsv`: open_clip's `CsvDataset` table (`--csv-img-key filepath
   --csv-caption-key title`). open_clip's separator defaults to a tab whatever the extension; here
   the header decides: a tab-separated header holding both keys means tabs, else a comma-separated
@@ -27,7 +32,8 @@ Source specs, written as on open_clip's or big_vision's command lines:
 * `tfds:NAME[:SPLIT]` (`clipjax.data.tfds_source`).
 
 `caption_shards(spec)` / `iter_captions(shard)` give the (key, caption) pairs of any spec, shard by
-shard, for jobs that need no images (`clipjax curate`).
+shard, for jobs that need no images (`clipjax curate`). `read_classnames(path)` reads a class-name
+file (one name per line, in label order).
 """
 
 from __future__ import annotations
@@ -80,8 +86,9 @@ def expand_shards(spec: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- tar shards
 
-def _sample_record(key: str, files: dict[str, bytes], caption_list_key: str | None) -> dict:
-    """One example's members (`ext -> bytes`) as a raw record."""
+def _sample_record(key: str, files: dict[str, bytes], caption_list_key: str | None, label_key: str | None = None,
+                   read_captions: bool = True) -> dict:
+    """One example's members (`ext -> bytes`) as a raw record (`label`: the bytes of `KEY.<label_key>`)."""
     image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
     meta = {}
     if "json" in files:
@@ -92,27 +99,32 @@ def _sample_record(key: str, files: dict[str, bytes], caption_list_key: str | No
         if not isinstance(meta, dict):
             return bad_record(key, "unreadable_file", f"{key}.json holds a {type(meta).__name__}, not an object")
     captions = []
-    if "txt" in files:
+    if not read_captions:
+        pass
+    elif "txt" in files:
         try:
             captions.append(files["txt"].decode("utf-8").strip())
         except UnicodeDecodeError as e:
             return bad_record(key, "unreadable_file", f"{key}.txt is not UTF-8 ({e})")
     elif isinstance(meta.get("caption"), str):
         captions.append(meta["caption"].strip())
-    extra = meta.get(caption_list_key) if caption_list_key else None
+    extra = meta.get(caption_list_key) if caption_list_key and read_captions else None
     if isinstance(extra, list):
         captions.extend(c.strip() for c in extra if isinstance(c, str))
     captions = [c for c in captions if c]
     if image is None:
         return bad_record(key, "missing_image", f"{key} has no {'|'.join(IMAGE_EXTENSIONS)} member "
                                                 f"(members: {sorted(files)})")
-    if not captions:
+    if read_captions and not captions:
         return bad_record(key, "missing_caption", f"{key} has no caption (.txt, or 'caption' in .json)")
-    return {"key": key, "image": image, "captions": captions, "bad": None, "why": ""}
+    rec = {"key": key, "image": image, "captions": captions, "bad": None, "why": ""}
+    if label_key:
+        rec["label"] = files.get(label_key)
+    return rec
 
 
-def iter_tar(path: str, *, skip: int = 0, caption_list_key: str | None = None,
-             read_images: bool = True) -> Iterator[dict]:
+def iter_tar(path: str, *, skip: int = 0, caption_list_key: str | None = None, read_images: bool = True,
+             label_key: str | None = None, read_captions: bool = True) -> Iterator[dict]:
     """Raw records of one tar shard, in order, after skipping the first `skip` examples.
 
     Members are grouped into examples by key (adjacent members sharing the name up to the first
@@ -120,7 +132,8 @@ def iter_tar(path: str, *, skip: int = 0, caption_list_key: str | None = None,
     A shard that cannot be opened yields one `unreadable_file` record; one that ends in damage
     yields the examples before it, then one `bad_shard` record; one with no example yields one
     `empty_shard` record. Bad records count as examples for `skip`, so a restored reader resumes
-    exactly where it was.
+    exactly where it was. `label_key`: the member extension holding the class label (`cls`);
+    `read_captions=False`: the source has no captions (records carry none, none is required).
     """
     name = os.path.basename(path)
     try:
@@ -153,7 +166,7 @@ def iter_tar(path: str, *, skip: int = 0, caption_list_key: str | None = None,
                 if k != key:
                     if key is not None:
                         if count >= skip:
-                            yield _sample_record(key, files, caption_list_key)
+                            yield _sample_record(key, files, caption_list_key, label_key, read_captions)
                         count += 1
                     key, files = k, {}
                 if count >= skip and (read_images or ext not in IMAGE_EXTENSIONS):
@@ -170,7 +183,7 @@ def iter_tar(path: str, *, skip: int = 0, caption_list_key: str | None = None,
             return
         if key is not None:
             if count >= skip:
-                yield _sample_record(key, files, caption_list_key)
+                yield _sample_record(key, files, caption_list_key, label_key, read_captions)
             count += 1
         elif skip == 0:
             yield bad_record(name, "empty_shard", f"shard {path} holds no example")
@@ -195,24 +208,32 @@ def _sniff_separator(header: str, keys: Sequence[str], path: str) -> str:
         if all(k in cols for k in keys):
             return sep
     raise DataError(f"{path}: the header {header.strip()!r} holds no column(s) {list(keys)} when split by tab or "
-                    "comma; set the image and caption column names (open_clip's --csv-img-key / --csv-caption-key)")
+                    "comma; set the image, caption and label column names (open_clip's --csv-img-key / "
+                    "--csv-caption-key; the data config's label_key)")
 
 
 @dataclass(frozen=True)
 class Table:
-    """An open_clip CSV/TSV or a JSONL file as rows `(image path, captions)`, read into memory.
+    """An open_clip CSV/TSV or a JSONL file as rows `(image path, captions, raw label)`, read into memory.
 
     Random access: `record(i)` reads row `i`'s image file. `image_root` resolves relative paths
-    (default: the table's folder).
+    (default: the table's folder). `caption_key=None`: the table has no captions (rows carry none,
+    none is required). `label_key`: the column / JSON key of the class label (records gain `label`,
+    as stored: a CSV string or a JSON value, None where the row has none); it must be a column of
+    the header (CSV/TSV) or a key of at least one row (JSONL).
     """
 
     path: str
-    rows: tuple  # ((image_path, (caption, ...)), ...)
+    rows: tuple  # ((image_path, (caption, ...), raw label or None), ...)
+    label_key: str | None = None
+    needs_captions: bool = True
 
     @classmethod
-    def read(cls, path: str, img_key: str = "filepath", caption_key: str = "title",
-             caption_list_key: str | None = None, image_root: str | None = None) -> "Table":
+    def read(cls, path: str, img_key: str = "filepath", caption_key: str | None = "title",
+             caption_list_key: str | None = None, image_root: str | None = None, *,
+             label_key: str | None = None) -> "Table":
         root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+        keys = [k for k in (img_key, caption_key, label_key) if k]
         if not os.path.exists(path):
             raise DataError(f"table {path!r} does not exist")
         rows = []
@@ -225,18 +246,21 @@ class Table:
                             dicts.append(json.loads(line))
                         except json.JSONDecodeError as e:
                             raise DataError(f"{path}:{n} is not valid JSON ({e})") from None
-                missing = [k for k in (img_key, caption_key) if dicts and k not in dicts[0]]
+                missing = [k for k in (img_key, caption_key) if k and dicts and k not in dicts[0]]
                 if missing:
                     raise DataError(f"{path}: first row has no key(s) {missing}; keys found: {sorted(dicts[0])}")
+                if label_key and dicts and not any(label_key in d for d in dicts):
+                    raise DataError(f"{path}: no row has the label key {label_key!r}; keys of the first row: "
+                                    f"{sorted(dicts[0])}")
             else:
                 header = f.readline()
-                sep = _sniff_separator(header, (img_key, caption_key), path)
+                sep = _sniff_separator(header, keys, path)
                 f.seek(0)
                 dicts = list(csv.DictReader(f, delimiter=sep))
         for d in dicts:
             image = d.get(img_key) or ""
-            caps = [d.get(caption_key)] if isinstance(d.get(caption_key), str) else []
-            extra = d.get(caption_list_key) if caption_list_key else None
+            caps = [d.get(caption_key)] if caption_key and isinstance(d.get(caption_key), str) else []
+            extra = d.get(caption_list_key) if caption_list_key and caption_key else None
             if isinstance(extra, str) and not path.endswith(".jsonl"):
                 try:
                     extra = json.loads(extra)
@@ -245,10 +269,10 @@ class Table:
             if isinstance(extra, list):
                 caps.extend(c for c in extra if isinstance(c, str))
             caps = tuple(c.strip() for c in caps if c and c.strip())
-            rows.append((os.path.join(root, image) if image else "", caps))
+            rows.append((os.path.join(root, image) if image else "", caps, d.get(label_key) if label_key else None))
         if not rows:
             raise DataError(f"table {path!r} has no rows")
-        return cls(path=path, rows=tuple(rows))
+        return cls(path=path, rows=tuple(rows), label_key=label_key, needs_captions=caption_key is not None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -257,11 +281,11 @@ class Table:
         return str(i)
 
     def record(self, i: int, read_image: bool = True) -> dict:
-        image_path, captions = self.rows[i]
+        image_path, captions, label = self.rows[i]
         key = self.key(i)
         if not image_path:
             return bad_record(key, "missing_image", f"{self.path} row {i} has an empty image path")
-        if not captions:
+        if self.needs_captions and not captions:
             return bad_record(key, "missing_caption", f"{self.path} row {i} ({image_path}) has no caption")
         data = b""
         if read_image:
@@ -272,7 +296,37 @@ class Table:
                 return bad_record(key, "missing_image", f"{self.path} row {i}: image {image_path} does not exist")
             except OSError as e:
                 return bad_record(key, "unreadable_file", f"{self.path} row {i}: cannot read {image_path} ({e})")
-        return {"key": key, "image": data, "captions": list(captions), "bad": None, "why": ""}
+        rec = {"key": key, "image": data, "captions": list(captions), "bad": None, "why": ""}
+        if self.label_key:
+            rec["label"] = label
+        return rec
+
+
+# ----------------------------------------------------------------------------- class names
+
+def read_classnames(path: str) -> tuple[str, ...]:
+    """Class names from a UTF-8 text file, one per line in label order (line n: label n - 1).
+
+    Surrounding whitespace is stripped and a final newline ignored; an empty line (it would shift
+    every later label) or an empty file is an error naming the file and line.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError(f"classnames file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"classnames file {path!r} cannot be read as UTF-8 text ({e})") from None
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise DataError(f"classnames file {path!r} holds no class name; expected one name per line, in label order")
+    empty = next((n for n, name in enumerate(names, 1) if not name), None)
+    if empty is not None:
+        raise DataError(f"classnames file {path!r}: line {empty} is empty; expected one class name per line, in label "
+                        "order (an empty line would shift every later label)")
+    return tuple(names)
 
 
 # ----------------------------------------------------------------------------- captions only

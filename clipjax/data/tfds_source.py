@@ -7,6 +7,11 @@ workers; a caption feature may be a string or a sequence of strings (several cap
 sampling draws one per epoch), nested features are written as paths (`captions/text`).
 `TFDS_DATA_DIR` or `data_dir` says where prepared data lives.
 
+Labels (`label_key`, e.g. `label` of `imagenet2012`, `mnist`, `cifar10`): an integer feature, read
+as stored (records carry `label`; the pipeline range-checks it). `class_names()` gives the names of
+a `ClassLabel` label feature (the data config's `classnames="tfds"`). Classification datasets have
+no caption feature: `caption_key=None` reads none (the pipeline makes captions from a template).
+
 Converting: `convert(source_spec, data_dir, name)` reads any tar-shard or table source
 (`clipjax.data.sources`) and writes the tfds dataset NAME (read back as `tfds:NAME`): features `image`
 (the encoded bytes, unchanged), `captions` (all captions), `key`. Bad examples are left out and
@@ -55,12 +60,13 @@ class TfdsSource:
     split: str
     data_dir: str | None
     image_key: str
-    caption_key: str
+    caption_key: str | None  # None: the dataset has no captions (none read, none required)
     key_feature: str | None
+    label_key: str | None = None  # an integer feature (a ClassLabel for `class_names`)
 
     @classmethod
-    def from_spec(cls, spec: str, image_key: str = "image", caption_key: str = "captions",
-                  data_dir: str | None = None) -> "TfdsSource":
+    def from_spec(cls, spec: str, image_key: str = "image", caption_key: str | None = "captions",
+                  data_dir: str | None = None, label_key: str | None = None) -> "TfdsSource":
         parts = spec[len("tfds:"):].split(":", 1)
         name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
         if not name:
@@ -70,17 +76,32 @@ class TfdsSource:
         caption_key = "captions" if caption_key == "title" else caption_key
         src = cls(name, split, data_dir or os.environ.get("TFDS_DATA_DIR"), image_key, caption_key, None)
         features = src._info_features()
-        for k in (image_key, caption_key):
-            if not _has_field(features, k):
+        for k in (image_key, caption_key, label_key):
+            if k and not _has_field(features, k):
                 raise DataError(f"tfds dataset {name!r} has no feature {k!r}; features: {sorted(features)} "
-                                "(set the image / caption keys of the data config)")
+                                "(set the image / caption / label keys of the data config)")
         key_feature = next((k for k in ("key", "__key__", "id", "image/id") if k in features), None)
-        out = cls(name, split, src.data_dir, image_key, caption_key, key_feature)
+        out = cls(name, split, src.data_dir, image_key, caption_key, key_feature, label_key)
         object.__setattr__(out, "_cached", src._data)  # the data source opened above, not opened again
         return out
 
     def _info_features(self) -> dict:
         return dict(self._data.dataset_info.features)
+
+    def class_names(self) -> tuple[str, ...]:
+        """The names of the label feature's classes, in label order; it must be a tfds `ClassLabel`."""
+        import tensorflow_datasets as tfds
+
+        if not self.label_key:
+            raise ValueError("classnames='tfds' needs label_key: the tfds ClassLabel feature to read the names of")
+        feature: Any = self._info_features()
+        for part in ([self.label_key] if self.label_key in feature else self.label_key.split("/")):
+            feature = feature[part]
+        if not isinstance(feature, tfds.features.ClassLabel):
+            raise DataError(f"classnames='tfds': feature {self.label_key!r} of tfds dataset {self.name!r} is a "
+                            f"{type(feature).__name__}, not a ClassLabel, so it has no class names; give "
+                            "classnames as a file (one name per line, in label order)")
+        return tuple(str(n) for n in feature.names)
 
     @property
     def _data(self):
@@ -115,20 +136,28 @@ class TfdsSource:
     def record(self, i: int) -> dict:
         row = self._data[i]
         key = _text(row[self.key_feature]) if self.key_feature else str(i)
-        try:
-            caps = _field(row, self.caption_key)
-        except KeyError:
-            return S.bad_record(key, "missing_caption", f"tfds {self.name} row {i} has no {self.caption_key!r}")
-        caps = [_text(caps)] if isinstance(caps, (bytes, str, np.bytes_)) else [_text(c) for c in np.ravel(caps)]
-        caps = [c.strip() for c in caps if c.strip()]
+        caps = []
+        if self.caption_key is not None:
+            try:
+                caps = _field(row, self.caption_key)
+            except KeyError:
+                return S.bad_record(key, "missing_caption", f"tfds {self.name} row {i} has no {self.caption_key!r}")
+            caps = [_text(caps)] if isinstance(caps, (bytes, str, np.bytes_)) else [_text(c) for c in np.ravel(caps)]
+            caps = [c.strip() for c in caps if c.strip()]
         image = row.get(self.image_key)
         if isinstance(image, (bytes, np.bytes_)):
             image = bytes(image)
         if image is None or (isinstance(image, bytes) and not image):
             return S.bad_record(key, "missing_image", f"tfds {self.name} row {i} has no image")
-        if not caps:
+        if self.caption_key is not None and not caps:
             return S.bad_record(key, "missing_caption", f"tfds {self.name} row {i} has no caption")
-        return {"key": key, "image": image, "captions": caps, "bad": None, "why": ""}
+        rec = {"key": key, "image": image, "captions": caps, "bad": None, "why": ""}
+        if self.label_key:
+            try:
+                rec["label"] = _field(row, self.label_key)
+            except KeyError:
+                rec["label"] = None
+        return rec
 
 
 def _builder_class(dataset_name: str):
