@@ -16,10 +16,10 @@ robustness.md items 1, 2 and 13). Hyperparameters and their sources:
 * fare (Schlarmann et al. 2024, `chs20/RobustVLM` train/adversarial_training_clip.py): ImageNet,
   AdamW lr 1e-5, weight decay 1e-4, batch 128, 20,000 steps, 1,400 warm-up steps; inner attack:
   momentum (0.9) sign PGD, eps 4/255 (FARE^4; 2/255 for FARE^2), alpha 1/255, 10 steps.
-* advflyp (Xing et al., "Finetune Like You Pretrain"): the CLIP loss on adversarial image-caption
-  pairs; the official code is not available here, so its regulariser forms and weights are
-  unverified (both off by default: `advflyp_logit_weight`, `advflyp_feature_weight`), eps and steps
-  follow TeCoA's training attack.
+* advflyp (Xing et al., "Finetune Like You Pretrain", `Sxing2/AdvFLYP` training_epoch.py): the CLIP
+  loss on adversarial image-caption pairs plus the feature term ||a - a0|| + ||a - c|| and the logit
+  term KL(a || a0) + KL(a || c), weights 1 and 1 as the official code (`advflyp_feature_weight`,
+  `advflyp_logit_weight`); eps and steps follow TeCoA's training attack.
 
 TeCoA, PMG-AFT and FARE keep the text tower frozen (`lock_text`). The labelled ImageNet /
 TinyImageNet sources are not provided by experiments/train.py yet, so the paper recipes name a data
