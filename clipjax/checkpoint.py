@@ -155,7 +155,8 @@ class Model:
 
     def logits(self, pixels, ids, *, validate: bool | None = None) -> jax.Array:
         """`[B_img, B_txt]` logits, scale (and SigLIP bias) applied; rows sharded like the image batch,
-        every text column on every row shard."""
+        every text column on every row shard. A single-tower model raises `ConfigError`."""
+        self.config.require("both", "logits")
         img = self.encode_image(pixels, validate=validate)
         txt = self.encode_text(ids, validate=validate)
         if isinstance(img, jax.core.Tracer):
@@ -165,7 +166,9 @@ class Model:
 
     @property
     def logit_scale(self) -> float:
-        """The multiplier `exp(log_logit_scale)` (read from this process's own copy)."""
+        """The multiplier `exp(log_logit_scale)` (read from this process's own copy). A single-tower model
+        has none: `ConfigError`."""
+        self.config.require("both", "logit_scale")
         v = self.params["log_logit_scale"][...]
         if isinstance(v, jax.Array):
             v = jax.device_get(v.addressable_data(0))
@@ -173,6 +176,7 @@ class Model:
 
     def tokenize(self, texts) -> np.ndarray:
         """Strings -> `[B, context_length]` int32 ids."""
+        self.config.require("text", "tokenize")
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer files (SigLIP tokenizers cannot be built offline); "
                              "convert with --tokenizer DIR or pass token ids")
@@ -180,6 +184,7 @@ class Model:
 
     def preprocess(self, images) -> np.ndarray:
         """PIL images or uint8 `[H, W, 3]` arrays -> `[B, S, S, 3]` float32, the model's eval transform."""
+        self.config.require("image", "preprocess")
         from clipjax.preprocess import preprocess
 
         return preprocess(images, self.config.preprocess, self.config.vision.image_size)
@@ -329,8 +334,8 @@ def _device_input(x: jax.Array, mesh: Mesh | None) -> jax.Array:
 
 
 def default_tokenizer(config: CLIPConfig):
-    """OpenAI's BPE for CLIP-vocabulary text towers; None otherwise."""
-    if config.text.vocab_size != 49408:
+    """OpenAI's BPE for CLIP-vocabulary text towers; None otherwise (and for image-only models)."""
+    if not config.has_text or config.text.vocab_size != 49408:
         return None
     from clipjax.tokenizer import Tokenizer
 
@@ -462,6 +467,9 @@ def save(folder: str, config: CLIPConfig, params: nnx.State | dict, *, tokenizer
     """
     import orbax.checkpoint as ocp
 
+    if tokenizer_dir is not None and not config.has_text:
+        raise ValueError(f"tokenizer_dir={tokenizer_dir!r}: this is an image-only model (towers='image'), which has "
+                         "no text tower to tokenize for")
     state = params if isinstance(params, nnx.State) else pure_to_params(params, config)
     pure = _strkeys(jax.tree.map(_savable, state.to_pure_dict()))
     with atomic_folder(folder, overwrite) as tmp:
@@ -562,7 +570,7 @@ def load(folder: str, mesh=None, config_overrides: dict | None = None) -> Model:
     nnx.replace_by_pure_dict(abstract, _like(restored, abstract.to_pure_dict()))
     tok_dir = os.path.join(folder, "tokenizer")
     tokenizer = None
-    if os.path.isdir(tok_dir):
+    if os.path.isdir(tok_dir) and config.has_text:
         from clipjax.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_folder(tok_dir, context_length=config.text.context_length)

@@ -21,6 +21,9 @@ ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu")
 VISION_POOLS = ("tok", "avg", "gap", "map", "attnpool", "attn")
 TEXT_POOLS = ("argmax", "last", "first", "eos")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+TOWERS = ("both", "image", "text")
+# the CLIPConfig fields that belong to one tower: unused (and held at their defaults) when it is absent
+TOWER_FIELDS = {"image": ("vision", "vision_proj", "preprocess"), "text": ("text", "text_proj")}
 
 
 class ConfigError(ValueError):
@@ -180,13 +183,24 @@ RUNTIME_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    """Both towers, the shared embedding size and run-time options.
+    """Both towers (or one), the shared embedding size and run-time options.
 
-    `embed_dim=None` on a tower side means "no projection": the pooled width is
+    `vision_proj=False` / `text_proj=False` mean "no projection" on that side: the pooled width is
     the embedding (SigLIP's vision tower). `dtype` is the compute dtype, apart
     from `param_dtype`. `scan_layers` runs the blocks with `lax.scan` (False:
     unrolled); `remat` picks a `jax.checkpoint` policy for each block;
     `attention="cudnn"` selects cuDNN flash attention on GPU (bf16/fp16 only).
+
+    `towers`: `"both"` (a contrastive model), `"image"` or `"text"` (one encoder, e.g. transformers'
+    `CLIPVisionModelWithProjection` / `CLIPTextModel`). A single-tower model holds no params of the
+    absent tower and none of the pair: no `log_logit_scale`, no `logit_bias` (transformers' single
+    towers have none, and clipjax makes none up). Its `encode_*` of the present tower is the tower's
+    embedding; the absent tower's encoder, `logits` and `forward` raise `ConfigError` naming the
+    missing tower. The absent tower's fields (`TOWER_FIELDS`: its sub-config, projection flag and, for
+    the image tower, `preprocess`) are unused and held at their defaults (set there by the
+    constructor, left out of `architecture_dict`). `init_log_logit_scale` is then unused too;
+    `init_logit_bias is not None` still marks a SigLIP tower (`is_siglip`: its export format and image
+    processor).
     """
 
     embed_dim: int = 512
@@ -197,6 +211,7 @@ class CLIPConfig:
     init_log_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    towers: str = "both"  # "both", "image" or "text"
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -204,17 +219,25 @@ class CLIPConfig:
     attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (GPU flash)
 
     def __post_init__(self):
+        _check_choice("towers", self.towers, TOWERS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
         _check_choice("attention", self.attention, ("xla", "cudnn"))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        if not self.vision_proj and self.vision.width != self.embed_dim and self.vision.arch == "vit":
+        for tower, names in TOWER_FIELDS.items():  # the absent tower's fields: at their defaults
+            if not self.has_tower(tower):
+                for name in names:
+                    f = self.__dataclass_fields__[name]
+                    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    object.__setattr__(self, name, default)  # frozen: the constructor's own normalisation
+        if (self.has_image and not self.vision_proj and self.vision.width != self.embed_dim
+                and self.vision.arch == "vit"):
             raise ConfigError(
                 f"vision_proj=False needs vision.width == embed_dim, got {self.vision.width} != {self.embed_dim}")
-        if not self.text_proj and self.text.width != self.embed_dim:
+        if self.has_text and not self.text_proj and self.text.width != self.embed_dim:
             raise ConfigError(
                 f"text_proj=False needs text.width == embed_dim, got {self.text.width} != {self.embed_dim}")
-        if self.vision.pool == "attn":
+        if self.has_image and self.vision.pool == "attn":
             if not self.vision_proj:
                 raise ConfigError("vision.pool='attn' (CoCa's pooler) is followed by a projection: vision_proj=True")
             if self.embed_dim % self.vision.attn_pool_heads:
@@ -224,6 +247,30 @@ class CLIPConfig:
     @property
     def is_siglip(self) -> bool:
         return self.init_logit_bias is not None
+
+    @property
+    def has_image(self) -> bool:
+        """The model holds an image tower (`towers` is "both" or "image")."""
+        return self.towers in ("both", "image")
+
+    @property
+    def has_text(self) -> bool:
+        """The model holds a text tower (`towers` is "both" or "text")."""
+        return self.towers in ("both", "text")
+
+    def has_tower(self, tower: str) -> bool:
+        """`tower`: "image", "text" or "both" (both towers present)."""
+        _check_choice("tower", tower, TOWERS)
+        return self.towers == "both" or tower == self.towers
+
+    def require(self, tower: str, what: str) -> None:
+        """Raise `ConfigError` naming the missing tower when `what` (e.g. "encode_text") needs `tower`
+        ("image", "text" or "both") and this model does not hold it."""
+        if self.has_tower(tower):
+            return
+        missing = {"image": "text", "text": "image"}[self.towers] if tower == "both" else tower
+        raise ConfigError(f"{what}: needs {'both towers' if tower == 'both' else f'the {tower} tower'}, but this "
+                          f"model has no {missing} tower (towers={self.towers!r}: a single-tower model)")
 
     def replace(self, **kw) -> "CLIPConfig":
         return dataclasses.replace(self, **kw)
@@ -235,16 +282,22 @@ class CLIPConfig:
                                             if k in RUNTIME_OPTIONS})
 
     def architecture_dict(self) -> dict:
-        """`to_dict()` without the run-time options (the saved form)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_OPTIONS}
+        """`to_dict()` without the run-time options nor an absent tower's fields (the saved form;
+        `from_dict` gives the same config back). `towers` is written for single-tower models only, so a
+        two-tower model saves exactly what it did before `towers` existed."""
+        absent = {name for tower, names in TOWER_FIELDS.items() if not self.has_tower(tower) for name in names}
+        if self.towers == "both":
+            absent.add("towers")
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_OPTIONS and k not in absent}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
-        """Inverse of `to_dict`; unknown keys raise `ConfigError`. Reads configs saved before the
-        log-parameter was renamed (`init_logit_scale` -> `init_log_logit_scale`)."""
+        """Inverse of `to_dict` (and of `architecture_dict`); unknown keys raise `ConfigError`. Reads configs
+        saved before the log-parameter was renamed (`init_logit_scale` -> `init_log_logit_scale`) and before
+        `towers` existed (two-tower models)."""
         d = dict(d)
         if "init_logit_scale" in d and "init_log_logit_scale" not in d:
             d["init_log_logit_scale"] = d.pop("init_logit_scale")

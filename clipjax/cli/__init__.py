@@ -32,8 +32,9 @@ def _convert(args) -> int:
     from clipjax.checkpoint import read_config
 
     cfg = read_config(out)
-    print(json.dumps({"out": out, "embed_dim": cfg.embed_dim, "vision": cfg.vision.arch,
-                      "image_size": cfg.vision.image_size, "siglip": cfg.is_siglip}))
+    print(json.dumps({"out": out, "embed_dim": cfg.embed_dim, "towers": cfg.towers,
+                      "vision": cfg.vision.arch if cfg.has_image else None,
+                      "image_size": cfg.vision.image_size if cfg.has_image else None, "siglip": cfg.is_siglip}))
     return 0
 
 
@@ -56,8 +57,11 @@ def _export(args) -> int:
 
 def _info(args) -> int:
     from clipjax.checkpoint import read_config
+    from clipjax.config import TOWER_FIELDS
 
-    print(json.dumps(read_config(args.model).to_dict(), indent=2))
+    cfg = read_config(args.model)
+    absent = {name for tower, names in TOWER_FIELDS.items() if not cfg.has_tower(tower) for name in names}
+    print(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in absent}, indent=2))  # a single tower: its own
     return 0
 
 

@@ -42,6 +42,8 @@ def convert(src: str, out: str, *, arch: str | None = None, config: str | CLIPCo
 
     The architecture comes from `arch` (a preset name), `config` (a file or `CLIPConfig`), the HF
     folder's config.json, or is inferred from the tensor shapes. Returns the output folder.
+    A transformers single-tower folder (`CLIPVisionModelWithProjection`, `CLIPTextModel`,
+    `SiglipVisionModel`, ...) gives a single-tower model (`CLIPConfig.towers`; see `hf_config`).
     """
     from clipjax.checkpoint import save
 
@@ -53,7 +55,7 @@ def convert(src: str, out: str, *, arch: str | None = None, config: str | CLIPCo
     cfg = config_for(sd, family, kind, cfg, hf_config(src) if kind == "hf" else None)
     pure = state_dict_to_pure(sd, cfg, family)
     tmp_tok = None
-    if tokenizer_dir is None and kind == "hf":
+    if tokenizer_dir is None and kind == "hf" and cfg.has_text:
         found = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src, n))]
         if found:
             tmp_tok = tempfile.mkdtemp(prefix="clipjax-tok-")
@@ -81,7 +83,7 @@ def load_pytorch(src: str, *, arch: str | None = None, config: str | CLIPConfig 
     if mesh is not None:
         params = shard_params(params, mesh)
     tokenizer = default_tokenizer(cfg)
-    if kind == "hf" and any(os.path.exists(os.path.join(src, n)) for n in TOKENIZER_FILES):
+    if kind == "hf" and cfg.has_text and any(os.path.exists(os.path.join(src, n)) for n in TOKENIZER_FILES):
         from clipjax.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_folder(src, context_length=cfg.text.context_length)

@@ -8,7 +8,9 @@ Families (detected from the keys):
                  tower under `text.` (with `text.cls_emb`) and the captioning decoder `text_decoder.*`,
                  which clipjax does not run: its keys are ignored by name (the converted model is
                  CoCa's contrastive model: `encode_image`, `encode_text`, logits)
-  `hf_clip`, `hf_siglip`  transformers `CLIPModel` / `SiglipModel`
+  `hf_clip`, `hf_siglip`  transformers `CLIPModel` / `SiglipModel`, or one tower alone
+                 (`CLIPVisionModelWithProjection`, `CLIPTextModel`, `SiglipVisionModel`, ...: keys under
+                 `vision_model.` or `text_model.` only; the config is then single-tower, `towers`)
 
 Head widths and activation functions cannot be read from weights. TorchScript
 (OpenAI) files are built by OpenAI's code: 64-wide heads and QuickGELU. Any
@@ -24,7 +26,7 @@ import re
 import numpy as np
 
 from clipjax.config import (HALF, CLIPConfig, PreprocessConfig, TextConfig, VisionConfig)
-from clipjax.convert.hf_config import from_hf_config
+from clipjax.convert.hf_config import PROJECTION_KEYS, from_hf_config
 from clipjax.convert import rules as R
 from clipjax.convert.errors import ConversionError
 
@@ -36,6 +38,8 @@ def detect_family(sd: dict) -> str:
     keys = set(sd)
     if any(k.startswith("vision_model.") for k in keys):
         return "hf_siglip" if "vision_model.head.probe" in keys else "hf_clip"
+    if any(k.startswith("text_model.") for k in keys):  # a transformers text tower alone
+        return "hf_siglip" if "text_model.head.weight" in keys else "hf_clip"
     if any(k.startswith("visual.trunk.") for k in keys):
         return "open_clip_siglip"
     if any(k.startswith("visual.layer1.") for k in keys):
@@ -101,7 +105,8 @@ def infer_config(sd: dict, family: str, act: str = "gelu") -> CLIPConfig:
             # CoCa's pooler: its query count is a shape, its head count is not (any divisor of embed_dim)
             queries = sd["visual.attn_pool.query"].shape[0] if "visual.attn_pool.query" in sd else 0
             vision = VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
-                                  layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=_openai_heads(width),
+                                  layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
+                                  heads=_openai_heads(width),
                                   mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=act,
                                   ln_pre="visual.ln_pre.weight" in sd, pool="attn" if queries else "tok",
                                   layer_scale_init=_layer_scale(sd, "visual."), attn_pool_queries=queries or 256,
@@ -198,6 +203,13 @@ def match_presets(sd: dict, family: str) -> CLIPConfig:
 
 
 def rules_for(config: CLIPConfig, family: str, sd: dict | None = None) -> list[R.Rule]:
+    if family in ("hf_clip", "hf_siglip"):  # two towers or one (`config.towers`)
+        return ((R.hf_vision_rules(config) if config.has_image else [])
+                + (R.hf_text_rules(config) if config.has_text else [])
+                + (R.scalar_rules(config, hf=True) if config.has_tower("both") else []))
+    if not config.has_tower("both"):
+        raise ConversionError(f"towers={config.towers!r}: single-tower models are converted from transformers "
+                              f"folders only; a {family} checkpoint holds both towers")
     if family == "openai":
         return R.openai_vision_rules(config) + R.openai_text_rules(config, _text_prefix(sd or {})) + R.scalar_rules(
             config, hf=False)
@@ -208,8 +220,6 @@ def rules_for(config: CLIPConfig, family: str, sd: dict | None = None) -> list[R
     if family == "open_clip_siglip":
         return R.timm_siglip_vision_rules(config) + R.openai_text_rules(config, "text.") + R.scalar_rules(config,
                                                                                                          hf=False)
-    if family in ("hf_clip", "hf_siglip"):
-        return R.hf_vision_rules(config) + R.hf_text_rules(config) + R.scalar_rules(config, hf=True)
     raise ConversionError(f"unknown family {family!r}")
 
 
@@ -219,6 +229,12 @@ def check_compatible(config: CLIPConfig, family: str, sd: dict | None = None) ->
     if siglip != config.is_siglip:
         raise ConversionError(f"the checkpoint is a {'SigLIP' if siglip else 'CLIP'} model ({family}) but the "
                               f"architecture given is {'SigLIP' if config.is_siglip else 'CLIP'}")
+    if family in ("hf_clip", "hf_siglip") and sd is not None:
+        held = [t for t, p in (("image", "vision_model."), ("text", "text_model.")) if any(k.startswith(p) for k in sd)]
+        towers = "both" if len(held) == 2 else held[0]
+        if towers != config.towers:
+            raise ConversionError(f"the checkpoint holds {'both towers' if towers == 'both' else f'the {towers} tower'}"
+                                  f" but the architecture given has towers={config.towers!r}")
     if (family == "openai_rn") != (config.vision.arch == "resnet"):
         raise ConversionError(f"the checkpoint's image tower ({family}) does not match vision.arch="
                               f"{config.vision.arch!r}")
@@ -255,7 +271,8 @@ def config_for(sd: dict, family: str, kind: str, config: CLIPConfig | None, hf_c
     if family.startswith("hf_"):
         if hf_cfg is None:
             raise ConversionError("a transformers state dict needs its config.json (convert the model folder)")
-        return from_hf_config(hf_cfg)
+        key = PROJECTION_KEYS.get(hf_cfg.get("model_type"))  # a single CLIP tower: its weights tell its class
+        return from_hf_config(hf_cfg, projection=None if key is None else key in sd)
     if kind == "torchscript":  # OpenAI's own files: its code fixes 64-wide heads and QuickGELU
         return infer_config(sd, family, act="quick_gelu")
     return match_presets(sd, family)

@@ -4,14 +4,15 @@
   `SiglipModel`), `model.safetensors`, `preprocessor_config.json` (`CLIPImageProcessor` /
   `SiglipImageProcessor`) and the tokenizer files (CLIP BPE: `vocab.json`, `merges.txt`,
   `tokenizer_config.json`), so `transformers.pipeline("zero-shot-image-classification", model=out)`
-  and `AutoProcessor.from_pretrained(out)` work.
+  and `AutoProcessor.from_pretrained(out)` work. A single-tower model becomes transformers' single
+  tower (`CLIPVisionModelWithProjection`, `CLIPTextModel`, `SiglipVisionModel`, ...) with its own files.
 * `export_open_clip(model, out_file)`: an open_clip state dict (`.safetensors`) with, beside it,
   the model config `NAME.json` (for `open_clip.add_model_config`) and `open_clip_config.json`
   (`{"model_cfg", "preprocess_cfg"}`, open_clip's Hub form; `clipjax convert --config` reads it).
   LayerScale (`ls_init_value`) is written as is. CoCa's contrastive towers (attentional pooler,
   appended class token) are written as open_clip's `CustomTextCLIP` (`custom_text: true`, no
   `multimodal_cfg`): the same `encode_image` / `encode_text` as the CoCa they came from, without the
-  captioning decoder, which clipjax does not hold.
+  captioning decoder, which clipjax does not hold. Single-tower models are refused (open_clip has none).
 
 Anything the target cannot express exactly raises `ConversionError` naming the config field;
 nothing approximate is written. Writes are atomic (a failed export leaves nothing behind).
@@ -110,14 +111,31 @@ def _refuse(problems: list[str], what: str) -> None:
         raise ConversionError(f"{what}: " + "; ".join(problems))
 
 
+# single-tower exports: (family, tower, projected) -> (model_type, transformers class)
+_HF_SINGLE = {("clip", "image", True): ("clip_vision_model", "CLIPVisionModelWithProjection"),
+              ("clip", "image", False): ("clip_vision_model", "CLIPVisionModel"),
+              ("clip", "text", True): ("clip_text_model", "CLIPTextModelWithProjection"),
+              ("clip", "text", False): ("clip_text_model", "CLIPTextModel"),
+              ("siglip", "image", False): ("siglip_vision_model", "SiglipVisionModel"),
+              ("siglip", "text", True): ("siglip_text_model", "SiglipTextModel")}
+# model_type -> the transformers config class that writes it
+HF_CONFIG_CLASSES = {"clip": "CLIPConfig", "siglip": "SiglipConfig", "clip_vision_model": "CLIPVisionConfig",
+                     "clip_text_model": "CLIPTextConfig", "siglip_vision_model": "SiglipVisionConfig",
+                     "siglip_text_model": "SiglipTextConfig"}
+
+
 def hf_config_dict(config: CLIPConfig) -> dict:
-    """transformers `CLIPConfig` / `SiglipConfig` kwargs for `config`, plus `model_type` ("clip" or "siglip").
+    """transformers config kwargs for `config`, plus `model_type`: "clip" / "siglip" (`CLIPConfig` /
+    `SiglipConfig`) for two towers; for one (`config.towers`), the single tower's config
+    (`clip_vision_model`, `clip_text_model`, `siglip_vision_model`, `siglip_text_model`) with its class in
+    `architectures` (`CLIPVisionModelWithProjection`, or `CLIPVisionModel` without `vision_proj`, ...).
 
     Raises:
       ConversionError: naming each field transformers cannot express (ModifiedResNet towers, pools, ...).
     """
     v, t = config.vision, config.text
-    if v.arch != "vit":
+    image, txt = config.has_image, config.has_text
+    if image and v.arch != "vit":
         raise ConversionError("vision.arch='resnet': export to transformers supports ViT image towers only "
                               "(transformers has no ModifiedResNet CLIP); use --format open_clip")
     vision = dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.layers,
@@ -127,43 +145,53 @@ def hf_config_dict(config: CLIPConfig) -> dict:
                 num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
                 hidden_act=_act(t.act, "text.act"), layer_norm_eps=t.ln_eps)
     _refuse([msg for bad, msg in [
-        (v.layer_scale, f"vision.layer_scale_init={v.layer_scale_init!r} (transformers' CLIP/SigLIP blocks have "
-                        "no LayerScale)"),
-        (t.layer_scale, f"text.layer_scale_init={t.layer_scale_init!r} (transformers' CLIP/SigLIP blocks have no "
-                        "LayerScale)"),
-        (t.embed_cls, "text.embed_cls=True (CoCa's appended class token; transformers has no CoCa)"),
-        (v.pool == "attn", "vision.pool='attn' (CoCa's attentional pooler; transformers has no CoCa)"),
+        (image and v.layer_scale, f"vision.layer_scale_init={v.layer_scale_init!r} (transformers' CLIP/SigLIP "
+                                  "blocks have no LayerScale)"),
+        (txt and t.layer_scale, f"text.layer_scale_init={t.layer_scale_init!r} (transformers' CLIP/SigLIP blocks "
+                                "have no LayerScale)"),
+        (txt and t.embed_cls, "text.embed_cls=True (CoCa's appended class token; transformers has no CoCa)"),
+        (image and v.pool == "attn", "vision.pool='attn' (CoCa's attentional pooler; transformers has no CoCa)"),
     ] if bad], "this config has no transformers equivalent")
     if config.is_siglip:
         _refuse([msg for bad, msg in [
-            (v.pool != "map", f"vision.pool={v.pool!r} (SiglipModel pools with a MAP head)"),
-            (v.ln_pre, "vision.ln_pre=True (SiglipModel has no pre-LayerNorm)"),
-            (not v.patch_bias, "vision.patch_bias=False (SiglipModel's patch embedding has a bias)"),
-            (t.causal, "text.causal=True (SiglipModel's text tower is bidirectional)"),
-            (t.pool != "last", f"text.pool={t.pool!r} (SiglipModel pools the last token)"),
-            (not t.proj_bias, "text.proj_bias=False (SiglipModel's text head has a bias)"),
-            (config.vision_proj, "vision_proj=True (SiglipModel has no image projection)"),
-            (not config.text_proj, "text_proj=False (SiglipModel always has a text head)"),
+            (image and v.pool != "map", f"vision.pool={v.pool!r} (SiglipModel pools with a MAP head)"),
+            (image and v.ln_pre, "vision.ln_pre=True (SiglipModel has no pre-LayerNorm)"),
+            (image and not v.patch_bias, "vision.patch_bias=False (SiglipModel's patch embedding has a bias)"),
+            (txt and t.causal, "text.causal=True (SiglipModel's text tower is bidirectional)"),
+            (txt and t.pool != "last", f"text.pool={t.pool!r} (SiglipModel pools the last token)"),
+            (txt and not t.proj_bias, "text.proj_bias=False (SiglipModel's text head has a bias)"),
+            (image and config.vision_proj, "vision_proj=True (SiglipModel has no image projection)"),
+            (txt and not config.text_proj, "text_proj=False (SiglipModel always has a text head)"),
         ] if bad], "this SigLIP config has no transformers SiglipModel equivalent")
         # SiglipTextConfig's default bos/eos (49406/49407, CLIP's) are outside a SigLIP vocabulary
         text.update(projection_size=config.embed_dim, bos_token_id=None, eos_token_id=t.eos_id)
         d = {"model_type": "siglip", "text_config": text, "vision_config": vision}
-        _check_hf_reads_back(d, config)
-        return d
-    _refuse([msg for bad, msg in [
-        (v.pool != "tok", f"vision.pool={v.pool!r} (CLIPModel pools the class token)"),
-        (v.final_ln_after_pool, "vision.final_ln_after_pool=True (CLIPModel normalises the class token)"),
-        (not v.ln_pre, "vision.ln_pre=False (CLIPModel has a pre-LayerNorm)"),
-        (v.patch_bias, "vision.patch_bias=True (CLIPModel's patch embedding has no bias)"),
-        (not t.causal, "text.causal=False (CLIPModel's text tower is causal)"),
-        (t.pool not in ("argmax", "eos"), f"text.pool={t.pool!r} (CLIPModel pools at the EOT token)"),
-        (t.proj_bias, "text.proj_bias=True (CLIPModel's text projection has no bias)"),
-        (not config.vision_proj, "vision_proj=False (CLIPModel always projects)"),
-        (not config.text_proj, "text_proj=False (CLIPModel always projects)"),
-    ] if bad], "this CLIP config has no transformers CLIPModel equivalent")
-    text["eos_token_id"] = 2 if t.pool == "argmax" else t.eos_id
-    d = {"model_type": "clip", "text_config": text, "vision_config": vision, "projection_dim": config.embed_dim,
-         "logit_scale_init_value": config.init_log_logit_scale}
+    else:
+        _refuse([msg for bad, msg in [
+            (image and v.pool != "tok", f"vision.pool={v.pool!r} (CLIPModel pools the class token)"),
+            (image and v.final_ln_after_pool, "vision.final_ln_after_pool=True (CLIPModel normalises the class "
+                                              "token)"),
+            (image and not v.ln_pre, "vision.ln_pre=False (CLIPModel has a pre-LayerNorm)"),
+            (image and v.patch_bias, "vision.patch_bias=True (CLIPModel's patch embedding has no bias)"),
+            (txt and not t.causal, "text.causal=False (CLIPModel's text tower is causal)"),
+            (txt and t.pool not in ("argmax", "eos"), f"text.pool={t.pool!r} (CLIPModel pools at the EOT token)"),
+            (txt and t.proj_bias and config.text_proj, "text.proj_bias=True (CLIPModel's text projection has no "
+                                                       "bias)"),
+            (config.has_tower("both") and not config.vision_proj, "vision_proj=False (CLIPModel always projects; "
+                                                                 "an image tower alone exports as CLIPVisionModel)"),
+            (config.has_tower("both") and not config.text_proj, "text_proj=False (CLIPModel always projects; a "
+                                                               "text tower alone exports as CLIPTextModel)"),
+        ] if bad], "this CLIP config has no transformers CLIPModel equivalent")
+        text["eos_token_id"] = 2 if t.pool == "argmax" else t.eos_id
+        d = {"model_type": "clip", "text_config": text, "vision_config": vision, "projection_dim": config.embed_dim,
+             "logit_scale_init_value": config.init_log_logit_scale}
+    if not config.has_tower("both"):
+        family = "siglip" if config.is_siglip else "clip"
+        projected = config.vision_proj if image else config.text_proj
+        model_type, cls = _HF_SINGLE[(family, config.towers, projected)]
+        d = {"model_type": model_type, "architectures": [cls], **(vision if image else d["text_config"])}
+        if family == "clip" and projected:
+            d["projection_dim"] = config.embed_dim
     _check_hf_reads_back(d, config)
     return d
 
@@ -171,7 +199,7 @@ def hf_config_dict(config: CLIPConfig) -> dict:
 def _check_hf_reads_back(d: dict, config: CLIPConfig) -> None:
     """Refuse what `from_hf_config` would not read back as `config`. Preprocessing is written separately;
     SiglipConfig has no logit scale / bias initial values (they are only initialisers: the trained
-    values are params and are exported)."""
+    values are params and are exported); single towers have neither."""
     from clipjax.convert.hf_config import from_hf_config
 
     try:
@@ -179,7 +207,7 @@ def _check_hf_reads_back(d: dict, config: CLIPConfig) -> None:
     except ConfigError as e:
         raise ConversionError(f"the transformers config would not read back: {e}") from None
     want = _unused_fields_like(config.architecture().replace(preprocess=back.preprocess), back)
-    if config.is_siglip:
+    if config.is_siglip or not config.has_tower("both"):  # no logit scale / bias in these configs
         want = want.replace(init_log_logit_scale=back.init_log_logit_scale, init_logit_bias=back.init_logit_bias)
     if back != want:
         raise ConversionError("transformers' config cannot express " + "; ".join(_diff(want, back)))
@@ -191,7 +219,8 @@ def hf_preprocessor_dict(config: CLIPConfig) -> dict:
     `shortest`: resize the shorter side to `image_size` then centre-crop `image_size` x `image_size`
     (`size={"shortest_edge": S}`, `do_center_crop`); `squash`: resize to `S x S`, no crop
     (`size={"height": S, "width": S}`). `resample` is PIL's code (bicubic 3, bilinear 2).
-    `CLIPImageProcessor` for CLIP models, `SiglipImageProcessor` for SigLIP ones.
+    `CLIPImageProcessor` for CLIP models, `SiglipImageProcessor` for SigLIP ones; `processor_class`
+    (`CLIPProcessor` / `SiglipProcessor`, which also needs the tokenizer) for two-tower models only.
 
     Raises:
       ConversionError: a preprocess field or value that transformers' processors cannot express.
@@ -199,10 +228,11 @@ def hf_preprocessor_dict(config: CLIPConfig) -> dict:
     p, s = config.preprocess, config.vision.image_size
     _check_preprocess_fields(p, "transformers image-processor")
     d = {"image_processor_type": "SiglipImageProcessor" if config.is_siglip else "CLIPImageProcessor",
-         "processor_class": "SiglipProcessor" if config.is_siglip else "CLIPProcessor",
          "do_convert_rgb": True, "do_resize": True, "resample": PIL_RESAMPLE[p.interpolation],
          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
          "image_mean": [float(x) for x in p.mean], "image_std": [float(x) for x in p.std]}
+    if config.has_tower("both"):  # the processor pairs it with the tokenizer; an image tower alone has none
+        d["processor_class"] = "SiglipProcessor" if config.is_siglip else "CLIPProcessor"
     if p.resize_mode == "shortest":
         d.update(size={"shortest_edge": s}, do_center_crop=True, crop_size={"height": s, "width": s})
     else:
@@ -217,6 +247,12 @@ def export_hf(model, out: str, overwrite: bool = False) -> str:
     has a tokenizer, its files (CLIP BPE: `vocab.json`, `merges.txt`, `tokenizer_config.json`, which
     `CLIPTokenizer` / `AutoTokenizer` load). Returns `out` as given.
 
+    A single-tower model (`config.towers`) is written as transformers' single tower
+    (`CLIPVisionModelWithProjection`, `CLIPVisionModel`, `CLIPTextModelWithProjection`, `CLIPTextModel`,
+    `SiglipVisionModel`, `SiglipTextModel`: `hf_config_dict`), with its keys under `vision_model.` /
+    `text_model.` (the layout transformers 4 and 5 both load); an image tower gets the
+    `preprocessor_config.json`, a text tower the tokenizer files.
+
     Raises:
       ConversionError: the architecture or preprocessing has no exact transformers equivalent.
       FileExistsError: `out` exists and `overwrite` is False.
@@ -230,17 +266,18 @@ def export_hf(model, out: str, overwrite: bool = False) -> str:
     model = _load(model)
     cfg = model.config
     d = hf_config_dict(cfg)
-    pre = hf_preprocessor_dict(cfg)
+    pre = hf_preprocessor_dict(cfg) if cfg.has_image else None
     kind = d.pop("model_type")
-    family = "hf_siglip" if kind == "siglip" else "hf_clip"
+    family = "hf_siglip" if cfg.is_siglip else "hf_clip"
     sd = _invert(rules_for(cfg, family), _flat_params(model.params))
-    hf_cfg = (transformers.SiglipConfig if kind == "siglip" else transformers.CLIPConfig)(**d)
+    hf_cfg = getattr(transformers, HF_CONFIG_CLASSES[kind])(**d)
     with atomic_folder(out, overwrite) as tmp:
         hf_cfg.save_pretrained(tmp)
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-            json.dump(pre, f, indent=2)
-        if model.tokenizer is not None:
+        if pre is not None:
+            with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+                json.dump(pre, f, indent=2)
+        if model.tokenizer is not None and cfg.has_text:
             model.tokenizer.save(tmp)
     return out
 
@@ -287,6 +324,9 @@ def open_clip_config_dict(config: CLIPConfig) -> dict:
     text keys under `text.`). Raises `ConversionError` naming each field open_clip cannot express, or
     that clipjax would not read back identically (`from_open_clip_json`, preprocessing aside).
     """
+    if not config.has_tower("both"):
+        raise ConversionError(f"towers={config.towers!r}: open_clip models hold both towers; export this "
+                              "single-tower model with --format hf")
     v, t = config.vision, config.text
     quick = t.act == "quick_gelu"
     d: dict = {"embed_dim": config.embed_dim}
@@ -371,10 +411,10 @@ def _diff(want: CLIPConfig, got: CLIPConfig) -> list[str]:
     out = []
     for k in a:
         if isinstance(a[k], dict):
-            out += [f"{k}.{kk}={a[k][kk]!r} (reads back as {b[k].get(kk)!r})" for kk in a[k]
-                    if a[k][kk] != b[k].get(kk)]
-        elif a[k] != b[k]:
-            out.append(f"{k}={a[k]!r} (reads back as {b[k]!r})")
+            out += [f"{k}.{kk}={a[k][kk]!r} (reads back as {b.get(k, {}).get(kk)!r})" for kk in a[k]
+                    if a[k][kk] != b.get(k, {}).get(kk)]
+        elif a[k] != b.get(k):
+            out.append(f"{k}={a[k]!r} (reads back as {b.get(k)!r})")
     return out
 
 

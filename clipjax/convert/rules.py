@@ -220,8 +220,8 @@ def timm_siglip_vision_rules(cfg: CLIPConfig, p: str = "visual.trunk") -> list[R
                     kv_join),
                rule(f"{m}.kv.bias", ("visual.map_head.attn.k_bias", "visual.map_head.attn.v_bias"), kv_split,
                     kv_join),
-               rule(f"{m}.proj.weight", "visual.map_head.attn.out_kernel", lambda w: (w.T.reshape(v.heads, hd, v.width),),
-                    lambda k: k.reshape(v.width, v.width).T),
+               rule(f"{m}.proj.weight", "visual.map_head.attn.out_kernel",
+                    lambda w: (w.T.reshape(v.heads, hd, v.width),), lambda k: k.reshape(v.width, v.width).T),
                rule(f"{m}.proj.bias", "visual.map_head.attn.out_bias")]
             + ln_rules(f"{m}.norm", "visual.map_head.ln") + dense_rules(f"{m}.mlp.fc1", "visual.map_head.mlp.fc1")
             + dense_rules(f"{m}.mlp.fc2", "visual.map_head.mlp.fc2"))
@@ -262,7 +262,7 @@ def hf_text_rules(cfg: CLIPConfig) -> list[Rule]:
     out += ln_rules(f"{p}.final_layer_norm", "text.ln_final")
     if cfg.is_siglip:
         out += [rule(f"{p}.head.weight", "text.proj", linear_t, linear_inv), rule(f"{p}.head.bias", "text.proj_bias")]
-    else:
+    elif cfg.text_proj:  # CLIPTextModel (a text tower alone) has no projection
         out.append(rule("text_projection.weight", "text.proj", linear_t, linear_inv))
     return out
 

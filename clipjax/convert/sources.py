@@ -5,7 +5,10 @@
 - Other `.pt` / `.bin` state dicts: `torch.load(..., weights_only=True)`; torch is imported
   lazily, only here.
 - A Hugging Face model folder: `config.json` plus `model.safetensors` (or sharded
-  safetensors with an index, or `pytorch_model.bin`).
+  safetensors with an index, or `pytorch_model.bin`). A single tower's keys are read under its
+  `vision_model.` / `text_model.` prefix, as the Hub's folders (transformers 4) store them:
+  transformers 5 saves `CLIPVisionModel`, `CLIPTextModel`, `SiglipVisionModel` and `SiglipTextModel`
+  without it (`TOWER_PREFIX`).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def read_torch_pickle(path: str) -> dict[str, np.ndarray]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConversionError(f"{path}: refused to unpickle: the file holds objects other than tensors "
-                              f"(weights_only=True blocked it; nothing was executed): {str(e).splitlines()[0]}") from None
+                              "(weights_only=True blocked it; nothing was executed): "
+                              f"{str(e).splitlines()[0]}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise ConversionError(f"{path}: could not read the checkpoint (truncated or corrupt?): "
                               f"{str(e).splitlines()[0]}") from None
@@ -78,7 +82,26 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], str]:
     return read_torch_pickle(path), "torch"
 
 
+# single-tower model_type -> the prefix of its tower's keys in a transformers 4 folder
+TOWER_PREFIX = {"clip_vision_model": "vision_model.", "siglip_vision_model": "vision_model.",
+                "clip_text_model": "text_model.", "siglip_text_model": "text_model."}
+
+
+def with_tower_prefix(sd: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
+    """`sd` with every key under the single tower's prefix when none is (transformers 5's layout of the
+    plain towers); unchanged otherwise (two-tower folders, prefixed keys). Wrong layouts are then refused,
+    key by key, by the conversion rules."""
+    prefix = TOWER_PREFIX.get(config.get("model_type"))
+    if prefix is None or any(k.startswith(prefix) for k in sd):
+        return sd
+    return {prefix + k: v for k, v in sd.items()}
+
+
 def read_hf_folder(folder: str) -> dict[str, np.ndarray]:
+    return with_tower_prefix(_read_hf_weights(folder), hf_config(folder))
+
+
+def _read_hf_weights(folder: str) -> dict[str, np.ndarray]:
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise ConversionError(f"{folder}: neither a clipjax checkpoint (clipjax.json) nor a Hugging Face model "
                               "folder (config.json)")

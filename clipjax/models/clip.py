@@ -11,6 +11,10 @@ once per config (`graphdef(config)`) and exposes pure, jitted functions of
 
 `config` is a static (hashable) argument: compute dtype, scan/unroll and the
 remat policy are read from it.
+
+A single-tower config (`config.towers` "image" or "text") builds only that tower, with no logit
+scale or bias: the other tower's functions, `logits` and `forward` raise `ConfigError` naming the
+missing tower (at trace time).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clipjax.config import CLIPConfig
+from clipjax.config import CLIPConfig, ConfigError
 from clipjax.models.text import TextTransformer
 from clipjax.models.vit import VisionTransformer
 from clipjax.sharding import param_shardings
@@ -30,6 +34,8 @@ from clipjax.sharding import param_shardings
 class CLIP(nnx.Module):
     """Image tower (`visual`), text tower (`text`), `log_logit_scale` and optional `logit_bias`.
 
+    A single-tower config (`config.towers`) holds its tower only: `visual` or `text`, no scalars.
+
     Naming, everywhere in clipjax: `log_logit_scale` is the stored log-parameter (open_clip's
     `logit_scale` param, big_vision's `t`); `logit_scale` is always the multiplier
     `exp(log_logit_scale)` that the losses take (open_clip's `logit_scale.exp()`).
@@ -37,15 +43,18 @@ class CLIP(nnx.Module):
 
     def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(config.param_dtype)
-        if config.vision.arch == "resnet":
+        if config.has_image and config.vision.arch == "resnet":
             from clipjax.models.resnet import ModifiedResNet
 
             self.visual = ModifiedResNet(config.vision, config.embed_dim, param_dtype=pd, rngs=rngs)
-        else:
+        elif config.has_image:
             self.visual = VisionTransformer(config.vision, config.embed_dim, config.vision_proj, param_dtype=pd,
                                             rngs=rngs, attention=config.attention)
-        self.text = TextTransformer(config.text, config.embed_dim, config.text_proj, param_dtype=pd, rngs=rngs,
-                                    attention=config.attention)
+        if config.has_text:
+            self.text = TextTransformer(config.text, config.embed_dim, config.text_proj, param_dtype=pd, rngs=rngs,
+                                        attention=config.attention)
+        if not config.has_tower("both"):  # one encoder: no logit scale or bias (none is made up)
+            return
         self.log_logit_scale = nnx.Param(jnp.asarray(config.init_log_logit_scale, pd), out_sharding=(),
                                          eager_sharding=False)
         self.logit_bias = (nnx.Param(jnp.asarray(config.init_logit_bias, pd), out_sharding=(), eager_sharding=False)
@@ -114,6 +123,7 @@ def _check_ids(ids, config: CLIPConfig):
 
 def _image_features(model: CLIP, pixels, config: CLIPConfig, *, train: bool = False, patch_dropout: float = 0.0,
                     rng=None):
+    config.require("image", "encode_image")
     _check_pixels(pixels, config)
     x = pixels.astype(config.dtype)
     if config.vision.arch == "resnet":
@@ -154,7 +164,11 @@ def forward(params: nnx.State, pixels: jax.Array, ids: jax.Array, *, config: CLI
       multiplier `exp(params.log_logit_scale)` (float32 scalar), `"logit_bias"`: SigLIP's bias or None,
       `"batch_stats"`: the BatchNorm statistics after the pass (updated in train mode; empty State
       for ViTs).
+
+    Raises:
+      ConfigError: a single-tower config (no pair, no logit scale).
     """
+    config.require("both", "forward")
     _check_ids(ids, config)
     # a copy: train-mode BatchNorm writes its new statistics into the module, never into `params`
     model = nnx.merge(graphdef(config), params, copy=True)
@@ -176,6 +190,7 @@ def encode_image(params: nnx.State, pixels: jax.Array, *, config: CLIPConfig, no
 @functools.partial(jax.jit, static_argnames=("config", "normalize"))
 def encode_text(params: nnx.State, ids: jax.Array, *, config: CLIPConfig, normalize: bool = True) -> jax.Array:
     """Text embeddings `[B, E]` float32 from token ids `[B, L]`."""
+    config.require("text", "encode_text")
     _check_ids(ids, config)
     model = _merge(params, config)
     x = model.text(ids, dtype=jnp.dtype(config.dtype), scan=config.scan_layers, remat=config.remat)
@@ -183,7 +198,14 @@ def encode_text(params: nnx.State, ids: jax.Array, *, config: CLIPConfig, normal
 
 
 def logits_from_embeddings(params: nnx.State, image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
-    """`exp(log_logit_scale) * img @ txt.T (+ logit_bias)`, `[B_img, B_txt]` from normalised embeddings."""
+    """`exp(log_logit_scale) * img @ txt.T (+ logit_bias)`, `[B_img, B_txt]` from normalised embeddings.
+
+    Raises:
+      ConfigError: `params` has no `log_logit_scale` (a single-tower model's).
+    """
+    if "log_logit_scale" not in params:
+        raise ConfigError("logits need a two-tower model's log_logit_scale; these params have none (a single-tower "
+                          "model: no logit scale was converted, and none is made up)")
     out = jnp.exp(params["log_logit_scale"][...].astype(jnp.float32)) * image_emb @ text_emb.T
     if "logit_bias" in params:
         out = out + params["logit_bias"][...].astype(jnp.float32)
@@ -193,6 +215,7 @@ def logits_from_embeddings(params: nnx.State, image_emb: jax.Array, text_emb: ja
 @functools.partial(jax.jit, static_argnames=("config",))
 def logits(params: nnx.State, pixels: jax.Array, ids: jax.Array, *, config: CLIPConfig) -> jax.Array:
     """Image-text logits `[B_img, B_txt]`: CLIP's scaled cosine, plus SigLIP's bias when present."""
+    config.require("both", "logits")
     img = encode_image(params, pixels, config=config)
     txt = encode_text(params, ids, config=config)
     return logits_from_embeddings(params, img, txt)
@@ -201,6 +224,7 @@ def logits(params: nnx.State, pixels: jax.Array, ids: jax.Array, *, config: CLIP
 @functools.partial(jax.jit, static_argnames=("config", "normalize"))
 def encode_dense(params: nnx.State, pixels: jax.Array, *, config: CLIPConfig, normalize: bool = True) -> jax.Array:
     """MaskCLIP dense patch embeddings `[B, P, E]` (methods.md §19), P = grid * grid."""
+    config.require("image", "encode_dense")
     _check_pixels(pixels, config)
     model = _merge(params, config)
     x = pixels.astype(config.dtype)
@@ -214,6 +238,9 @@ def encode_dense(params: nnx.State, pixels: jax.Array, *, config: CLIPConfig, no
 @functools.partial(jax.jit, static_argnames=("config", "tower"))
 def hidden_states(params: nnx.State, inputs: jax.Array, *, config: CLIPConfig, tower: str = "image") -> jax.Array:
     """Every block's output `[L, B, T, D]` of the ViT image tower (`tower="image"`) or the text tower."""
+    if tower not in ("image", "text"):
+        raise ValueError(f"tower={tower!r}: expected 'image' or 'text'")
+    config.require(tower, "hidden_states")
     model = _merge(params, config)
     if tower == "text":
         _check_ids(inputs, config)

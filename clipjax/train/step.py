@@ -93,6 +93,7 @@ def contrastive_loss(out: dict, cfg: TrainConfig, mesh: Mesh | None, teacher: di
 
 def check_compatible(model_config: CLIPConfig, cfg: TrainConfig, mesh: Mesh | None) -> None:
     """Refuse combinations the step cannot honour exactly, naming them."""
+    model_config.require("both", "training")
     if cfg.loss == "siglip" and not model_config.is_siglip:
         raise ConfigError("loss='siglip' needs a model with a logit bias (init_logit_bias, e.g. -10)")
     resnet = model_config.vision.arch == "resnet"
