@@ -12,6 +12,29 @@ be checked before training is checked before anything is written: unknown keys, 
 not divide over the mesh, a mesh that does not fit the devices, a workdir holding another model,
 a data source this script cannot provide.
 
+Data sources (`data.name`): `digits` (experiments/digits_data.py: scikit-learn's digits, with its
+own held-out eval and report), `arrays` (`data.path`, an .npz), and `files`: `data.source` (tar
+shards, a CSV/TSV/JSONL table or `tfds:NAME[:SPLIT]`) with `clipjax.data.DataConfig` fields as
+`data.*` keys, plus
+
+* `data.tokenizer`: a tokenizer folder (default OpenAI's BPE);
+* a labelled source (`data.label_key`, `data.classnames`: a file of names or "tfds") gives the class
+  weights of `loss="tecoa"` / `"pmg-aft"` (`clipjax.train.evaluate.class_text_embeddings`) from the
+  prompts `data.class_templates` ("openai", a list with `{}` / `{c}`; default `[data.caption_template]`
+  if set, else OpenAI's 80 ImageNet templates);
+* `data.eval`: held-out sets evaluated every `eval_every` steps (`clipjax.train.evaluate.make_eval_fn`,
+  re-read each time with the eval transform, one pass, multi-host safe), logged as `eval/...`:
+
+      data.eval = {"batch_size": 256,  # global; default the training batch_size
+                   "zeroshot": {"source": "val-{000..063}.tar", "label_key": "cls",
+                                "classnames": "classnames.txt", "templates": "openai"},
+                   "retrieval": {"source": "coco_val.csv", "img_key": "filepath", "caption_key": "title"}}
+
+  `zeroshot` (`eval/zeroshot_top1`, `zeroshot_top5`) needs `label_key` and `classnames`; `templates` is
+  "openai" (default), a data-set name of `clipjax.metrics.get_templates` or a list. `retrieval`
+  (`eval/image_to_text_R@1`, ..., `text_to_image_R@10`, mean / median ranks) reads one caption per
+  image. The other keys of each are DataConfig fields (not `augment`); unknown keys raise naming them.
+
 The run is `clipjax.train.loop.train`: it resumes from `WORKDIR/checkpoints`, writes
 `WORKDIR/metrics.jsonl`, TensorBoard events and `WORKDIR/clipjax.json` (so `clipjax.load(WORKDIR)`
 loads the newest checkpoint). Running the same command again in a finished workdir resumes at
@@ -127,8 +150,10 @@ class Source:
     class_weights: object = None  # model state -> [C, E] class text embeddings (labelled sources)
 
 
-def build_data(data_cfg: dict, model_cfg, tc) -> Source:
-    """The data source named by `data.name`; an unknown or unavailable source raises naming it."""
+def build_data(data_cfg: dict, model_cfg, tc, *, mesh=None) -> Source:
+    """The data source named by `data.name`; an unknown or unavailable source raises naming it.
+
+    `mesh`: the training mesh (the `files` source's held-out eval and class weights run on it)."""
     name = data_cfg.get("name")
     if name == "digits":
         sys.path.insert(0, HERE)
@@ -142,7 +167,7 @@ def build_data(data_cfg: dict, model_cfg, tc) -> Source:
     if name == "arrays":
         return _arrays_source(data_cfg, model_cfg, tc)
     if name == "files":
-        return _files_source(data_cfg, model_cfg, tc)
+        return _files_source(data_cfg, model_cfg, tc, mesh)
     raise DataSourceError(f"data source {name!r} (config data.name) is not provided by experiments/train.py; "
                           f"available: {', '.join(DATA_SOURCES)}")
 
@@ -171,19 +196,21 @@ def _arrays_source(data_cfg: dict, model_cfg, tc) -> Source:
     return Source(train=ArrayBatches(arrays, tc.batch_size, seed=tc.seed))
 
 
-def _files_source(data_cfg: dict, model_cfg, tc) -> Source:
+def _files_source(data_cfg: dict, model_cfg, tc, mesh=None) -> Source:
     """`data.source`: tar shards, a CSV/TSV/JSONL table or `tfds:NAME[:SPLIT]` through `clipjax.data.make_batches`;
     the other `data.*` keys are `clipjax.data.DataConfig` fields (`augment` a dict of `AugmentConfig` fields),
-    plus `tokenizer`: a tokenizer folder (needed for SigLIP vocabularies; default OpenAI's BPE)."""
+    plus `tokenizer`: a tokenizer folder (needed for SigLIP vocabularies; default OpenAI's BPE),
+    `class_templates`: the prompts of the class weights of a labelled source (see `FILES_KEYS`), and `eval`:
+    held-out sets (`_files_eval`)."""
     from clipjax.data import DataConfig, make_batches
     from clipjax.data.transforms import AugmentConfig
     from clipjax.tokenizer import Tokenizer
 
     fields = {f.name for f in dataclasses.fields(DataConfig)}
-    extra = sorted(set(data_cfg) - fields - {"name", "tokenizer"})
+    extra = sorted(set(data_cfg) - fields - set(FILES_KEYS))
     if extra:
-        raise DataSourceError(f"unknown data keys {extra} for data source 'files'; expected name, tokenizer and "
-                              f"clipjax.data.DataConfig fields {sorted(fields)}")
+        raise DataSourceError(f"unknown data keys {extra} for data source 'files'; expected {', '.join(FILES_KEYS)} "
+                              f"and clipjax.data.DataConfig fields {sorted(fields)}")
     kw = {k: v for k, v in data_cfg.items() if k in fields}
     if not kw.get("source"):
         raise DataSourceError("data source 'files' needs data.source (shard pattern, .csv/.tsv/.jsonl or tfds:NAME)")
@@ -192,9 +219,125 @@ def _files_source(data_cfg: dict, model_cfg, tc) -> Source:
     L = model_cfg.text.context_length
     tok = (Tokenizer.from_folder(data_cfg["tokenizer"], context_length=L) if data_cfg.get("tokenizer")
            else Tokenizer.openai(context_length=L))
-    batches = make_batches(DataConfig(**kw), image_size=model_cfg.vision.image_size, tokenizer=tok,
+    try:
+        data_config = DataConfig(**kw)
+    except ValueError as e:
+        raise DataSourceError(f"data: {e}") from None
+    batches = make_batches(data_config, image_size=model_cfg.vision.image_size, tokenizer=tok,
                            batch_size=tc.batch_size, seed=tc.seed, resize_mode=model_cfg.preprocess.resize_mode)
-    return Source(train=batches)
+    source = Source(train=batches)
+    classnames = getattr(batches, "classnames", None)
+    if classnames:  # a labelled source: class weights for loss=tecoa / pmg-aft
+        templates = data_cfg.get("class_templates") or (
+            [kw["caption_template"]] if kw.get("caption_template") else "openai")
+        source.class_weights = _class_weights_fn(model_cfg, tok, list(classnames), templates, mesh)
+    elif data_cfg.get("class_templates"):
+        raise DataSourceError("data.class_templates needs a labelled source (data.label_key and data.classnames)")
+    if data_cfg.get("eval"):
+        source.eval_fn = _files_eval(data_cfg["eval"], model_cfg, tc, tok, mesh)
+    return source
+
+
+# `data.*` keys of the files source that are not DataConfig fields
+FILES_KEYS = ("name", "tokenizer", "class_templates", "eval")
+EVAL_KEYS = ("batch_size", "zeroshot", "retrieval")
+
+
+def _class_weights_fn(model_cfg, tok, classnames, templates, mesh):
+    """model state -> `[C, E]` class text embeddings (`clipjax.train.evaluate.class_text_embeddings`)."""
+    from clipjax.train.evaluate import resolve_templates
+
+    try:
+        templates = resolve_templates(templates)
+    except ValueError as e:
+        raise DataSourceError(f"data.class_templates: {e}") from None
+
+    def class_weights(model_state):
+        from clipjax.train.evaluate import class_text_embeddings
+
+        return class_text_embeddings(model_state, model_cfg, tok, classnames, templates, mesh=mesh)
+
+    return class_weights
+
+
+def _files_eval(eval_cfg: dict, model_cfg, tc, tok, mesh):
+    """`data.eval`: held-out sets read again at every evaluation (`make_batches(..., train=False, num_epochs=1)`).
+
+      data.eval.batch_size: global eval batch (default: the training batch_size);
+      data.eval.zeroshot: a labelled set: `source`, `label_key`, `classnames` (a file, or "tfds") and any other
+        DataConfig fields, plus `templates` ("openai" (default), a data-set name or a list with `{}` / `{c}`);
+        without `caption_key` / `caption_template` its captions are not read;
+      data.eval.retrieval: image-caption pairs: `source` and DataConfig fields (`img_key`, `caption_key`, ...).
+
+    Returns `make_eval_fn(...)` (logged as `eval/zeroshot_top1`, `eval/image_to_text_R@1`, ...).
+    """
+    import jax
+
+    from clipjax.data import DataConfig, DataError, make_batches
+    from clipjax.train.evaluate import ZeroShotSet, make_eval_fn
+
+    extra = sorted(set(eval_cfg) - set(EVAL_KEYS))
+    if extra:
+        raise DataSourceError(f"unknown data.eval keys {extra}; expected {', '.join(EVAL_KEYS)}")
+    if not (eval_cfg.get("zeroshot") or eval_cfg.get("retrieval")):
+        raise DataSourceError("data.eval needs zeroshot and / or retrieval (a held-out source each)")
+    batch_size = int(eval_cfg.get("batch_size") or tc.batch_size)
+    if batch_size < 1 or batch_size % jax.process_count():
+        raise DataSourceError(f"data.eval.batch_size={batch_size} must be a positive multiple of the "
+                              f"{jax.process_count()} processes")
+    fields = {f.name for f in dataclasses.fields(DataConfig)} - {"augment"}
+
+    def config(which: str, own: tuple) -> DataConfig:
+        d = dict(eval_cfg[which])
+        extra = sorted(set(d) - fields - set(own))
+        if extra:
+            raise DataSourceError(f"unknown data.eval.{which} keys {extra}; expected {', '.join(own)} and "
+                                  f"clipjax.data.DataConfig fields {sorted(fields)} (no augment: eval transform)")
+        if not d.get("source"):
+            raise DataSourceError(f"data.eval.{which} needs source (shard pattern, .csv/.tsv/.jsonl or tfds:NAME)")
+        kw = {k: v for k, v in d.items() if k in fields}
+        if which == "zeroshot":
+            for key in ("label_key", "classnames"):
+                if key not in fields:
+                    raise DataSourceError(f"data.eval.zeroshot needs clipjax.data.DataConfig.{key}, which this "
+                                          "version of clipjax.data does not have")
+                if not kw.get(key):
+                    raise DataSourceError(f"data.eval.zeroshot needs {key} (label_key: where each example's class "
+                                          "index is; classnames: a file of names, one per line, or 'tfds')")
+            if "caption_key" not in kw and "caption_template" not in kw:  # captions are not used: not read
+                kw.update(caption_key=None, caption_template="{}")
+        try:
+            cfg = DataConfig(**kw)
+            from clipjax.data.pipeline import open_source
+
+            open_source(cfg)  # a missing file fails now, not at the first evaluation
+        except (ValueError, DataError) as e:
+            raise DataSourceError(f"data.eval.{which}: {e}") from None
+        return cfg
+
+    def reader(cfg: DataConfig):
+        return lambda: make_batches(cfg, image_size=model_cfg.vision.image_size, tokenizer=tok, batch_size=batch_size,
+                                    seed=tc.seed, train=False, num_epochs=1,
+                                    resize_mode=model_cfg.preprocess.resize_mode)
+
+    zeroshot = retrieval = None
+    if eval_cfg.get("zeroshot"):
+        zs = config("zeroshot", ("templates",))
+        from clipjax.data.pipeline import resolve_classnames
+
+        try:
+            names = list(resolve_classnames(zs))
+        except (ValueError, DataError) as e:
+            raise DataSourceError(f"data.eval.zeroshot: {e}") from None
+        zeroshot = ZeroShotSet(reader(zs), names, eval_cfg["zeroshot"].get("templates") or "openai")
+    if eval_cfg.get("retrieval"):
+        retrieval = reader(config("retrieval", ()))
+    # the trainer's compute dtype: the state it passes holds params of `param_dtype`
+    eval_model = model_cfg.replace(dtype=tc.dtype, param_dtype=tc.param_dtype, remat=tc.remat)
+    try:
+        return make_eval_fn(eval_model, zeroshot=zeroshot, retrieval=retrieval, tokenizer=tok, mesh=mesh)
+    except ValueError as e:  # bad templates or class names
+        raise DataSourceError(f"data.eval: {e}") from None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -246,7 +389,8 @@ def adversarial_inputs(config: dict, tc, source: Source, model_state, mesh):
     if tc.loss in NEEDS_LABELS:
         if source.class_weights is None:
             raise DataSourceError(f"loss={tc.loss!r} needs labelled batches and class names: data source "
-                                  f"{config['data'].get('name')!r} has none (use 'digits')")
+                                  f"{config['data'].get('name')!r} has none (use 'digits', or 'files' with "
+                                  "data.label_key and data.classnames)")
         class_weights = source.class_weights(model_state)
     return reference, class_weights
 
@@ -285,7 +429,9 @@ def run(config, workdir: str, *, progress: bool = True, log=None):
                           "set init_from to a converted checkpoint")
     if d.get("init_towers", "both") not in ("both", "image", "text"):
         raise ConfigError(f"init_towers={d.get('init_towers')!r}; expected 'both', 'image' or 'text'")
-    source = build_data(d.get("data") or {}, mc, tc)
+    source = build_data(d.get("data") or {}, mc, tc, mesh=mesh)
+    if source.eval_fn is not None and not tc.eval_every:
+        log("note: the data source has held-out evaluation, but eval_every=0 turns it off")
     if report_cfg.get("enabled") and source.report is None:
         raise DataSourceError(f"report.enabled: data source {d['data'].get('name')!r} has no report")
     model_state = load_init(d, mc, mesh, tc.seed)

@@ -11,6 +11,11 @@ The 2-process run is stopped by a SIGTERM to process 0 alone: both processes mus
 step, save it together and exit 0 (no deadlock in the next step's collectives or in Orbax's save
 barriers). Its checkpoint must then load with `clipjax.load` in this (single) process and resume
 training in 1 process (2 devices), continuing the reference's loss curve.
+
+Every run also evaluates every 2 steps (`train_worker.py --eval`: `clipjax.train.evaluate.make_eval_fn`
+on 13 held-out examples, 7 held by process 0 and 6 by process 1 in the 2-process run, all 13 in one
+process otherwise, local batches of 4 with a last partial one). The eval numbers (counts over 13
+examples, ranks) must equal the reference's exactly at every step both logged.
 """
 
 import os
@@ -43,12 +48,12 @@ def test_two_processes_equal_one_and_their_checkpoint_resumes_in_one(tmp_path, t
     # the reference: 1 process, 2 devices (every step saved so any stop step can be compared),
     # run alongside the 2 processes (its compile overlaps their single-threaded phases)
     reference = W.start(W.command(ref, STEPS, "--mesh-data", 2, "--checkpoint-every", 1, "--keep-checkpoints", 100,
-                                  "--cache-dir", cache), str(tmp_path / "reference"))
+                                  "--cache-dir", cache, "--eval"), str(tmp_path / "reference"))
     # 2 processes, 1 device each; SIGTERM to process 0 only, mid-run
     port = portpicker.pick_unused_port()
     procs = [W.start(W.command(mp, STEPS, "--mesh-data", 2, "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", 2, "--process-id", i, "--sleep-per-step", 0.3,
-                               "--cache-dir", cache), str(tmp_path / f"process{i}"))
+                               "--cache-dir", cache, "--eval"), str(tmp_path / f"process{i}"))
              for i in (0, 1)]
     try:
         W.wait_for_step(mp, 3, procs, timeout=450)
@@ -79,12 +84,21 @@ def test_two_processes_equal_one_and_their_checkpoint_resumes_in_one(tmp_path, t
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=LOSS_RTOL,
                                atol=0, err_msg="2 processes vs 1 process with 2 devices")
 
+    # held-out eval with uneven rows (7 + 6) in 2 processes equals the 1-process eval of all 13
+    want_eval = W.evals(ref)
+    assert sorted(want_eval) == list(range(W.EVAL_EVERY, STEPS + 1, W.EVAL_EVERY))
+    assert all(e["zeroshot_examples"] == e["retrieval_pairs"] == W.EVAL_EXAMPLES for e in want_eval.values())
+    assert {"zeroshot_top1", "zeroshot_top5", "image_to_text_R@10", "text_to_image_median_rank"} <= set(want_eval[2])
+    got_eval = W.evals(mp)
+    assert sorted(got_eval) == [s for s in sorted(want_eval) if s <= stopped]
+    assert got_eval == {s: want_eval[s] for s in got_eval}
+
     # the 2-process checkpoint loads in this process (one device) and equals the reference's at that step
     params = W.flat_params(mp)
     assert_params_close(params, W.flat_params(ref, step=stopped), f"clipjax.load at step {stopped}")
 
     # and training resumes from it in 1 process (2 devices), continuing the reference's curve
-    r = W.run(W.command(mp, STEPS, "--mesh-data", 2, "--cache-dir", cache), timeout=400)
+    r = W.run(W.command(mp, STEPS, "--mesh-data", 2, "--cache-dir", cache, "--eval"), timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.findall(r"resumed from \S+ at step (\d+)", r.stderr) == [str(stopped)], r.stderr[-3000:]
     got = W.losses(mp)
@@ -92,3 +106,4 @@ def test_two_processes_equal_one_and_their_checkpoint_resumes_in_one(tmp_path, t
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [want[s] for s in range(1, STEPS + 1)],
                                rtol=LOSS_RTOL, atol=0, err_msg="resumed in 1 process vs the reference")
     assert_params_close(W.flat_params(mp), W.flat_params(ref), "final params")
+    assert W.evals(mp) == want_eval

@@ -3,7 +3,7 @@ fault-tolerance and multi-host tests; not a test module itself).
 
     python tests/train_worker.py --workdir W --steps N [--checkpoint-every C] [--keep-checkpoints K] [--nan-at K]
         [--sleep-per-step S] [--mesh-data D] [--cache-dir DIR]
-        [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
+        [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I] [--eval]
 
 * Data: 32 examples of float32 (already preprocessed) 32x32 images and int32 token ids from a fixed
   seed, read by `clipjax.data.ArrayBatches` (global batch 8; each process reads its own slice).
@@ -12,6 +12,9 @@ fault-tolerance and multi-host tests; not a test module itself).
 * `--sleep-per-step S`: sleep S seconds per batch read (gives a test time to signal mid-run).
 * `--mesh-data D` without a coordinator: D fake CPU devices in this process, mesh data=D; with a
   coordinator: one CPU device per process, gloo collectives, mesh data over all processes.
+* `--eval`: every 2 steps, `clipjax.train.evaluate.make_eval_fn` on 13 held-out examples (uint8 images,
+  captions, labels of 6 classes) split unevenly over the processes (7 and 6 with 2 processes), read in
+  local batches of 4: zero-shot and retrieval numbers over all 13, whatever the process count.
 * `--cache-dir`: JAX's persistent compilation cache (runs of the same program load the compiled
   step instead of compiling it again; the executable is the same, so are the numbers).
 
@@ -51,11 +54,54 @@ def tiny_config():
 LR = 1e-3
 
 
-def train_config(steps: int, checkpoint_every: int = 2, keep: int = 3):
+def train_config(steps: int, checkpoint_every: int = 2, keep: int = 3, eval_every: int = 0):
     from clipjax.train.config import TrainConfig
 
     return TrainConfig(batch_size=BATCH, total_steps=steps, warmup_steps=2, lr=LR, log_every=1,
-                       checkpoint_every=checkpoint_every, ema_decay=0.9, grad_clip_norm=1.0, keep_checkpoints=keep)
+                       checkpoint_every=checkpoint_every, ema_decay=0.9, grad_clip_norm=1.0, keep_checkpoints=keep,
+                       eval_every=eval_every)
+
+
+EVAL_EXAMPLES, EVAL_LOCAL_BATCH, EVAL_EVERY = 13, 4, 2
+EVAL_CLASSES, EVAL_TEMPLATES = ("zero", "one", "two", "three", "four", "five"), ("a {c}", "the {c} thing")
+
+
+class WordTokenizer:
+    """Toy tokenizer for the tiny vocabulary: start id VOCAB - 2, one id per word (crc32), end id VOCAB - 1
+    (the largest: the text tower's argmax pooling finds it), zero padding to CONTEXT."""
+
+    def __call__(self, texts):
+        import zlib
+
+        import numpy as np
+
+        out = np.zeros((len(texts), CONTEXT), np.int32)
+        for i, t in enumerate(texts):
+            ids = [VOCAB - 2] + [1 + zlib.crc32(w.encode()) % (VOCAB - 3) for w in t.split()][:CONTEXT - 2]
+            out[i, :len(ids) + 1] = ids + [VOCAB - 1]
+        return out
+
+
+def eval_fn(model, mesh):
+    """Held-out eval over `EVAL_EXAMPLES` examples; this process reads its `np.array_split` share."""
+    import jax
+    import numpy as np
+
+    from clipjax.train.evaluate import ZeroShotSet, make_eval_fn
+
+    rng = np.random.default_rng(1)
+    tok = WordTokenizer()
+    labels = rng.integers(0, len(EVAL_CLASSES), EVAL_EXAMPLES).astype(np.int32)
+    rows = {"image": rng.integers(0, 256, (EVAL_EXAMPLES, IMAGE, IMAGE, 3), dtype=np.uint8), "label": labels,
+            "text": tok([f"{EVAL_CLASSES[y]} number {i}" for i, y in enumerate(labels)])}
+    mine = np.array_split(np.arange(EVAL_EXAMPLES), jax.process_count())[jax.process_index()]
+
+    def batches():
+        for s in range(0, len(mine), EVAL_LOCAL_BATCH):
+            yield {k: v[mine[s:s + EVAL_LOCAL_BATCH]] for k, v in rows.items()}
+
+    return make_eval_fn(model, zeroshot=ZeroShotSet(batches, EVAL_CLASSES, EVAL_TEMPLATES), retrieval=batches,
+                        tokenizer=tok, mesh=mesh)
 
 
 def arrays():
@@ -134,6 +180,7 @@ def parse(argv=None):
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--source", default=None, help="a clipjax.data source (tar shards, table) instead of arrays")
     p.add_argument("--num-workers", type=int, default=0, help="grain decode workers for --source")
+    p.add_argument("--eval", action="store_true", help="held-out eval every 2 steps (see the module docstring)")
     return p.parse_args(argv)
 
 
@@ -175,9 +222,10 @@ def main(argv=None):
                                  batch_size=BATCH, seed=0), args.sleep_per_step)
     else:
         data = Hooked(ArrayBatches(arrays(), BATCH, seed=0), nan_at=args.nan_at, sleep=args.sleep_per_step)
-    cfg = train_config(args.steps, args.checkpoint_every, args.keep_checkpoints)
+    cfg = train_config(args.steps, args.checkpoint_every, args.keep_checkpoints, EVAL_EVERY if args.eval else 0)
     try:
-        result = train(model, cfg, args.workdir, data, mesh=mesh, progress=False)
+        result = train(model, cfg, args.workdir, data, mesh=mesh, progress=False,
+                       eval_fn=eval_fn(model, mesh) if args.eval else None)
     finally:
         if hasattr(data, "close"):
             data.close()
@@ -260,11 +308,19 @@ def metrics(workdir) -> list[dict]:
 
 
 def losses(workdir) -> dict[int, float]:
-    """step -> loss; asserts one row per step."""
-    rows = metrics(workdir)
+    """step -> loss; asserts one row per step (eval rows are separate lines)."""
+    rows = [r for r in metrics(workdir) if "loss" in r]
     steps = [r["step"] for r in rows]
     assert len(steps) == len(set(steps)), f"{workdir}/metrics.jsonl repeats steps: {steps}"
     return {r["step"]: r["loss"] for r in rows}
+
+
+def evals(workdir) -> dict[int, dict]:
+    """step -> {eval metric: value}; asserts one eval row per step."""
+    rows = [r for r in metrics(workdir) if any(k.startswith("eval/") for k in r)]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"{workdir}/metrics.jsonl repeats eval steps: {steps}"
+    return {r["step"]: {k[5:]: v for k, v in r.items() if k.startswith("eval/")} for r in rows}
 
 
 def wait_for_step(workdir, step, procs, timeout=300) -> int:
