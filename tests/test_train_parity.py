@@ -41,6 +41,7 @@ BATCH = 8
 LR, WD, WARMUP, CLIP_NORM = 1e-3, 0.2, 2, 1.0
 PARAM_ATOL = 1e-6
 LOSS_RTOL = 1e-5
+NORM_RTOL = 1e-4  # the gradient norm the step logs vs clip_grad_norm_'s (trainable params only)
 EPS = 1e-4
 SMALL = dict(width=64, layers=1, embed_dim=32)  # one 64-wide head per tower (clipjax infers 64-wide heads)
 
@@ -102,7 +103,8 @@ def _numpy_state(model):
 def _torch_train(torch, model, batches, loss_fn, mean, std, *, total_steps, snapshot=_numpy_state):
     """open_clip's training loop; `loss_fn(model, pixels NCHW, ids, batch, step)` gives the loss.
 
-    Returns the loss of every step and `snapshot(model)` (a numpy state dict) after every step."""
+    Returns the loss of every step, `snapshot(model)` (a numpy state dict) after every step, and the gradient
+    norm `clip_grad_norm_` saw at every step (frozen params have no grad and do not count)."""
     from open_clip_train.scheduler import cosine_lr
 
     # open_clip_train/main.py, verbatim rule
@@ -114,7 +116,7 @@ def _torch_train(torch, model, batches, loss_fn, mean, std, *, total_steps, snap
                             lr=LR, betas=(0.9, 0.98), eps=EPS)
     scheduler = cosine_lr(opt, LR, WARMUP, total_steps)
     model.train()
-    losses, snapshots = [], []
+    losses, snapshots, norms = [], [], []
     for step, b in enumerate(batches):
         scheduler(step)
         px = (b["image"].astype(np.float32) / np.float32(255.0) - mean) / std
@@ -122,13 +124,13 @@ def _torch_train(torch, model, batches, loss_fn, mean, std, *, total_steps, snap
         loss = loss_fn(model, px, torch.from_numpy(b["text"]).long(), b, step)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM, norm_type=2.0)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM, norm_type=2.0)))
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(float(loss.detach()))
         snapshots.append(snapshot(model))
-    return losses, snapshots
+    return losses, snapshots, norms
 
 
 def _train_config(**kw):
@@ -158,14 +160,16 @@ def _pixel_stats(cfg):
     return np.asarray(cfg.preprocess.mean, np.float32), np.asarray(cfg.preprocess.std, np.float32)
 
 
-def _clipjax_matches(label, cfg, state, step, batches, sd0, ref_losses, ref_params, frozen=None):
-    """Run the clipjax steps; loss of every step within LOSS_RTOL, params after the first and the last step
-    within PARAM_ATOL of torch's. Returns the final state."""
+def _clipjax_matches(label, cfg, state, step, batches, sd0, ref_losses, ref_params, ref_norms, frozen=None):
+    """Run the clipjax steps; loss of every step within LOSS_RTOL, the logged gradient norm within NORM_RTOL,
+    params after the first and the last step within PARAM_ATOL of torch's. Returns the final state."""
     for i, b in enumerate(batches):
         state, metrics = step(state, b, frozen)
         assert bool(metrics["finite"])
         np.testing.assert_allclose(float(metrics["loss"]), ref_losses[i], rtol=LOSS_RTOL,
                                    err_msg=f"{label}: loss at step {i}")
+        np.testing.assert_allclose(float(metrics["grad_norm"]), ref_norms[i], rtol=NORM_RTOL,
+                                   err_msg=f"{label}: gradient norm at step {i}")
         if i in (0, len(batches) - 1):
             _assert_params_match(label, i + 1, state.params, ref_params[i], sd0, cfg)
     return state
@@ -217,8 +221,8 @@ def test_train_steps_match_open_clip(loss, photos):
             return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
         return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
 
-    ref_losses, ref_params = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg), total_steps=STEPS)
-    _clipjax_matches(loss, cfg, state, step, batches, sd0, ref_losses, ref_params)
+    ref_losses, ref_params, ref_norms = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg), total_steps=STEPS)
+    _clipjax_matches(loss, cfg, state, step, batches, sd0, ref_losses, ref_params, ref_norms)
 
 
 def test_distill_steps_match_open_clip_distill_loss(photos):
@@ -251,9 +255,9 @@ def test_distill_steps_match_open_clip_distill_loss(photos):
                                        t["image_features"], t["text_features"], t["logit_scale"])
         return contrastive + distill
 
-    ref_losses, ref_params = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg),
+    ref_losses, ref_params, ref_norms = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg),
                                           total_steps=SHORT_STEPS)
-    _clipjax_matches("distill", cfg, state, step, batches, sd0, ref_losses, ref_params, frozen=frozen)
+    _clipjax_matches("distill", cfg, state, step, batches, sd0, ref_losses, ref_params, ref_norms, frozen=frozen)
 
 
 def _torch_cloob(torch, image_features, text_features, inv_tau, beta):
@@ -299,9 +303,9 @@ def test_cloob_steps_match_torch_cloob(photos):
         out = m(px, ids)
         return _torch_cloob(torch, out["image_features"], out["text_features"], out["logit_scale"], beta)
 
-    ref_losses, ref_params = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg),
+    ref_losses, ref_params, ref_norms = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg),
                                           total_steps=SHORT_STEPS)
-    _clipjax_matches("cloob", cfg, state, step, batches, sd0, ref_losses, ref_params)
+    _clipjax_matches("cloob", cfg, state, step, batches, sd0, ref_losses, ref_params, ref_norms)
 
 
 def _torch_longclip(torch, image, long_text, short_text, scale, components, smoothing):
@@ -381,9 +385,9 @@ def test_longclip_steps_match_torch_longclip(photos):
         short_text = m.encode_text(torch.from_numpy(short).long(), normalize=True)
         return _torch_longclip(torch, image, long_text, short_text, m.logit_scale.exp(), components, smoothing)
 
-    ref_losses, ref_params = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg),
+    ref_losses, ref_params, ref_norms = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg),
                                           total_steps=SHORT_STEPS, snapshot=snapshot)
-    state = _clipjax_matches("longclip", cfg, state, step, batches, sd0, ref_losses, ref_params)
+    state = _clipjax_matches("longclip", cfg, state, step, batches, sd0, ref_losses, ref_params, ref_norms)
     after = np.asarray(state.params["text"]["pos_embed"][...])
     np.testing.assert_array_equal(after[:KEEP], before[:KEEP])
     assert np.abs(after[KEEP:] - before[KEEP:]).min() > 0
@@ -441,10 +445,10 @@ def test_flip_patch_dropout_steps_match_open_clip(photos):
                 out = m(px, ids)
         return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
 
-    ref_losses, ref_params = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg),
+    ref_losses, ref_params, ref_norms = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg),
                                           total_steps=SHORT_STEPS)
     assert masked_calls == [0, 1]
-    _clipjax_matches("flip", cfg, state, step, batches, sd0, ref_losses, ref_params)
+    _clipjax_matches("flip", cfg, state, step, batches, sd0, ref_losses, ref_params, ref_norms)
 
 
 def test_bf16_compute_tracks_fp32(photos):

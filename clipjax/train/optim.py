@@ -57,8 +57,8 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     return schedule
 
 
-def make_optimizer(cfg: TrainConfig, params, model_config: CLIPConfig) -> optax.GradientTransformation:
-    """The optax chain for `params` (an `nnx.State` of trainable Params) under `cfg`."""
+def trainable_tree(cfg: TrainConfig, params, model_config: CLIPConfig):
+    """1/0 multipliers like `params` for the locked towers / layers and Long-CLIP's frozen rows; None: all train."""
     trainable = None
     if cfg.lock_image or cfg.lock_text or cfg.loss == "longclip":
         trainable = param_groups.trainable_mask(
@@ -67,6 +67,12 @@ def make_optimizer(cfg: TrainConfig, params, model_config: CLIPConfig) -> optax.
             lock_text_unlocked_layers=cfg.lock_text_unlocked_layers)
     if cfg.loss == "longclip":  # Long-CLIP keeps the first 20 text positions frozen
         trainable = param_groups.freeze_rows(trainable, params, "text.pos_embed", LONGCLIP_KEEP)
+    return trainable
+
+
+def make_optimizer(cfg: TrainConfig, params, model_config: CLIPConfig) -> optax.GradientTransformation:
+    """The optax chain for `params` (an `nnx.State` of trainable Params) under `cfg`."""
+    trainable = trainable_tree(cfg, params, model_config)
     chain = []
     if trainable is not None:
         chain.append(param_groups.scale_by_tree(trainable))

@@ -39,7 +39,7 @@ from clipjax.preprocess import standardize
 from clipjax.sharding import logical_to_spec
 from clipjax.train import adversarial
 from clipjax.train.config import ADVERSARIAL_LOSSES, TrainConfig
-from clipjax.train.optim import learning_rate_schedule
+from clipjax.train.optim import learning_rate_schedule, trainable_tree
 from clipjax.train.state import TrainState, mesh_context
 
 Batch = dict[str, jax.Array]
@@ -167,7 +167,7 @@ def train_step(state: TrainState, batch: Batch, frozen: dict | None = None, *, m
                reference_config: CLIPConfig | None = None) -> tuple[TrainState, dict]:
     """One optimizer update (pure; `make_train_step` jits it). Returns `(state, metrics)`.
 
-    metrics: `loss`, `grad_norm` (before clipping), `lr`, `logit_scale` (the multiplier),
+    metrics: `loss`, `grad_norm` (of the trainable gradients, before clipping), `lr`, `logit_scale` (the multiplier),
     `logit_bias` (SigLIP), `finite` (False: the step was skipped).
     """
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -195,7 +195,9 @@ def train_step(state: TrainState, batch: Batch, frozen: dict | None = None, *, m
             lambda: _grads(state, batch, model_config, cfg, mesh, step_rng, dropout, teacher_out),
             lambda: _grads(state, batch, model_config, cfg, mesh, step_rng, 0.0, teacher_out))
 
-    grad_norm = optax.global_norm(grads)
+    trainable = trainable_tree(cfg, state.params, model_config)
+    # the norm of what trains (torch's clip_grad_norm_ sees no grad of a frozen param); the optimizer masks too
+    grad_norm = optax.global_norm(grads if trainable is None else jax.tree.map(jnp.multiply, grads, trainable))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = _clamp_log_logit_scale(params, cfg.max_log_logit_scale)
