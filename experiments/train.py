@@ -460,9 +460,9 @@ def run(config, workdir: str, *, progress: bool = True, log=None):
 
         theta = wise_ft(model_state, result.state.model_state, alpha)
         out = os.path.join(workdir, f"wise_ft_alpha{alpha:g}")
+        # every process: `save` is collective (Orbax writes each process's shards, process 0 commits)
+        save(out, mc, theta, source={"kind": "wise_ft", "alpha": alpha, "theta_0": d["init_from"]}, overwrite=True)
         if jax.process_index() == 0:
-            save(out, mc, theta, source={"kind": "wise_ft", "alpha": alpha,
-                                                                    "theta_0": d["init_from"]}, overwrite=True)
             log(f"WiSE-FT (alpha {alpha:g}) checkpoint: {out}")
     if report_cfg.get("enabled") and jax.process_index() == 0:
         source.report(result, workdir, model_config=mc, train_config=tc,

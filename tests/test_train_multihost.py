@@ -10,7 +10,10 @@ come out bitwise equal; the tolerances only allow for a different collective red
 The 2-process run is stopped by a SIGTERM to process 0 alone: both processes must agree on the
 step, save it together and exit 0 (no deadlock in the next step's collectives or in Orbax's save
 barriers). Its checkpoint must then load with `clipjax.load` in this (single) process and resume
-training in 1 process (2 devices), continuing the reference's loss curve.
+training in 1 process (2 devices), continuing the reference's loss curve. After the stop, both
+processes write WiSE-FT(init, trained, 0.25) together (`--wise-ft`, a collective save of sharded
+params, as experiments/train.py does); it equals the float64 mix of the random init and the
+2-process checkpoint to PARAM_ATOL.
 
 Every run also evaluates every 2 steps (`train_worker.py --eval`: `clipjax.train.evaluate.make_eval_fn`
 on 13 held-out examples, 7 held by process 0 and 6 by process 1 in the 2-process run, all 13 in one
@@ -29,6 +32,7 @@ import train_worker as W
 
 STEPS = 8
 LOSS_RTOL = 1e-6
+WISE_ALPHA = 0.25
 PARAM_ATOL = 1e-2 * W.LR
 
 
@@ -53,7 +57,8 @@ def test_two_processes_equal_one_and_their_checkpoint_resumes_in_one(tmp_path, t
     port = portpicker.pick_unused_port()
     procs = [W.start(W.command(mp, STEPS, "--mesh-data", 2, "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", 2, "--process-id", i, "--sleep-per-step", 0.3,
-                               "--cache-dir", cache, "--eval"), str(tmp_path / f"process{i}"))
+                               "--cache-dir", cache, "--eval", "--wise-ft", WISE_ALPHA),
+                     str(tmp_path / f"process{i}"))
              for i in (0, 1)]
     try:
         W.wait_for_step(mp, 3, procs, timeout=450)
@@ -96,6 +101,14 @@ def test_two_processes_equal_one_and_their_checkpoint_resumes_in_one(tmp_path, t
     # the 2-process checkpoint loads in this process (one device) and equals the reference's at that step
     params = W.flat_params(mp)
     assert_params_close(params, W.flat_params(ref, step=stopped), f"clipjax.load at step {stopped}")
+
+    # both processes wrote WiSE-FT(init, step `stopped`) together (a collective save of sharded params)
+    from clipjax.models.clip import init_params
+
+    theta0 = W.flat_state(init_params(W.tiny_config(), seed=0))
+    mixed = W.flat_params(os.path.join(mp, "wise_ft"))
+    want_mixed = {k: (1 - WISE_ALPHA) * theta0[k].astype(np.float64) + WISE_ALPHA * params[k] for k in params}
+    assert_params_close(mixed, want_mixed, f"WiSE-FT (alpha {WISE_ALPHA}) written by 2 processes")
 
     # and training resumes from it in 1 process (2 devices), continuing the reference's curve
     r = W.run(W.command(mp, STEPS, "--mesh-data", 2, "--cache-dir", cache, "--eval"), timeout=400)

@@ -3,7 +3,7 @@ fault-tolerance and multi-host tests; not a test module itself).
 
     python tests/train_worker.py --workdir W --steps N [--checkpoint-every C] [--keep-checkpoints K] [--nan-at K]
         [--sleep-per-step S] [--mesh-data D] [--cache-dir DIR]
-        [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I] [--eval]
+        [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I] [--eval] [--wise-ft ALPHA]
 
 * Data: 32 examples of float32 (already preprocessed) 32x32 images and int32 token ids from a fixed
   seed, read by `clipjax.data.ArrayBatches` (global batch 8; each process reads its own slice).
@@ -15,6 +15,10 @@ fault-tolerance and multi-host tests; not a test module itself).
 * `--eval`: every 2 steps, `clipjax.train.evaluate.make_eval_fn` on 13 held-out examples (uint8 images,
   captions, labels of 6 classes) split unevenly over the processes (7 and 6 with 2 processes), read in
   local batches of 4: zero-shot and retrieval numbers over all 13, whatever the process count.
+* `--wise-ft ALPHA`: when `train` returns (done or preempted), every process writes
+  `clipjax.train.wise_ft(theta_0, theta_1, ALPHA)` of the random init (`init_params(seed)`, sharded on
+  the mesh) and the trained model state to `WORKDIR/wise_ft` with `clipjax.checkpoint.save` (collective),
+  as experiments/train.py does after a fine-tuning run.
 * `--cache-dir`: JAX's persistent compilation cache (runs of the same program load the compiled
   step instead of compiling it again; the executable is the same, so are the numbers).
 
@@ -181,6 +185,7 @@ def parse(argv=None):
     p.add_argument("--source", default=None, help="a clipjax.data source (tar shards, table) instead of arrays")
     p.add_argument("--num-workers", type=int, default=0, help="grain decode workers for --source")
     p.add_argument("--eval", action="store_true", help="held-out eval every 2 steps (see the module docstring)")
+    p.add_argument("--wise-ft", type=float, default=None, help="write WiSE-FT(init, trained, ALPHA) to WORKDIR/wise_ft")
     return p.parse_args(argv)
 
 
@@ -229,6 +234,13 @@ def main(argv=None):
     finally:
         if hasattr(data, "close"):
             data.close()
+    if args.wise_ft is not None:
+        from clipjax.checkpoint import save
+        from clipjax.models.clip import init_params
+        from clipjax.train import wise_ft
+
+        theta = wise_ft(init_params(model, seed=cfg.seed, mesh=mesh), result.state.model_state, args.wise_ft)
+        save(os.path.join(args.workdir, "wise_ft"), model, theta, overwrite=True)
     print(json.dumps({"step": result.step, "stopped": result.stopped, "process": jax.process_index()}), flush=True)
     if args.coordinator:
         jax.distributed.shutdown()
@@ -386,9 +398,16 @@ def flat_params(workdir, step=None) -> dict:
             name = os.path.join("checkpoints", str(step))
             shutil.copytree(os.path.join(workdir, name), os.path.join(view, name))
             return flat_params(view)
-    model = clipjax.load(workdir)
+    return flat_state(clipjax.load(workdir).params)
+
+
+def flat_state(state) -> dict:
+    """A model state (`nnx.State`) as {path: numpy array}, the keys of `flat_params`."""
+    import jax
+    import numpy as np
+
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
-            jax.tree_util.tree_flatten_with_path(model.params.to_pure_dict())[0]}
+            jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0]}
 
 
 if __name__ == "__main__":
