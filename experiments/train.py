@@ -524,6 +524,7 @@ def main(argv):
 
     from clipjax.config import ConfigError
     from clipjax.convert.errors import ConversionError
+    from clipjax.data import DataError
     from clipjax.train.checkpoints import WorkdirError
 
     if len(argv) > 1:
@@ -536,7 +537,7 @@ def main(argv):
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
         run(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-    except (ConfigError, WorkdirError, DataSourceError, ConversionError) as e:
+    except (ConfigError, WorkdirError, DataSourceError, DataError, ConversionError) as e:
         print(f"train.py: error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -148,10 +148,13 @@ def test_tar_labels_match_what_was_written_every_example_once_bad_labels_counted
     assert "label" not in batches[0] and counts == {"good": SHARDS * PER_SHARD}
 
 
-@pytest.mark.parametrize("template", [TEMPLATE, "a blurry {c} digit"])
-def test_template_captions_are_the_class_names_in_the_template(corpus, tokenizer, template):
-    cfg = DataConfig(source=corpus["shards"], label_key="cls", classnames=corpus["names"], caption_template=template)
-    batches, counts, _ = read_all(cfg, tokenizer, batch=4)
+@pytest.mark.parametrize("template,names_as", [(TEMPLATE, "file"), ("a blurry {c} digit", "file"),
+                                               (TEMPLATE, "list")])
+def test_template_captions_are_the_class_names_in_the_template(corpus, tokenizer, template, names_as):
+    names = corpus["names"] if names_as == "file" else list(NAMES)  # the names themselves, as a config list
+    cfg = DataConfig(source=corpus["shards"], label_key="cls", classnames=names, caption_template=template)
+    batches, counts, classnames = read_all(cfg, tokenizer, batch=4)
+    assert classnames == tuple(NAMES)
     assert key_labels(batches) == corpus["tar_labels"] and counts["label"] == len(BAD_CLS)
     written = template.replace("{c}", "{}")
     for b in batches:  # the .txt captions are not read
@@ -287,6 +290,9 @@ def test_bad_configs_are_refused_by_name(corpus, tokenizer, tmp_path):
         DataConfig(source="x.tar", label_key="cls", classnames="tfds")
     with pytest.raises(ValueError, match="label_key='' is empty"):
         DataConfig(source="x.tar", label_key="")
+    for bad in ([], ["zero", ""], ("zero", 1)):
+        with pytest.raises(ValueError, match="classnames: expected a non-empty sequence of non-empty strings"):
+            DataConfig(source="x.tar", label_key="cls", classnames=bad)
     read = lambda **kw: make_batches(DataConfig(**kw), image_size=IMAGE, tokenizer=tokenizer, batch_size=2)  # noqa
     (tmp_path / "gap.txt").write_text("zero\n\ntwo\n")
     with pytest.raises(DataError, match="gap.txt': line 2 is empty"):

@@ -312,3 +312,48 @@ def test_experiments_train_files_source_wires_eval_and_class_weights(model, data
                          ({"eval": {"batch_size": 5}}, "zeroshot and / or retrieval")]:
         with pytest.raises(train_py.DataSourceError, match=message):
             train_py.build_data({"name": "files", "source": table, "caption_key": "title", **bad}, model.config, tc)
+
+
+def test_tecoa_fine_tunes_on_a_labelled_caption_less_files_source(model, model_dir, data, tmp_path):
+    """experiments/train.py `run()` with loss="tecoa" on a labelled JSONL table without captions (TeCoA's
+    prompt makes them; the class weights come from the same prompt): 2 SGD steps from `init_from` finish,
+    the locked text tower and the logit scale are unchanged (bitwise), the image tower moved."""
+    import importlib.util
+    import json
+    import os
+    import sys
+
+    import jax
+    from PIL import Image
+
+    import clipjax
+
+    here = os.path.dirname(__file__)
+    spec = importlib.util.spec_from_file_location("experiments_train_tecoa", os.path.join(here, "..", "experiments",
+                                                                                          "train.py"))
+    train_py = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train_py
+    spec.loader.exec_module(train_py)
+    sys.path.insert(0, os.path.join(here, "..", "experiments", "configs"))
+    import common
+
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for i, (img, y) in enumerate(zip(data["image"][:8], data["label"][:8])):
+            Image.fromarray(img).save(tmp_path / f"{i}.png")
+            f.write(json.dumps({"filepath": f"{i}.png", "label": int(y)}) + "\n")
+    c = common.base_config(loss="tecoa", optimizer="sgd", beta1=0.9, lock_text=True, batch_size=4, total_steps=2,
+                           warmup_steps=1, lr=1e-2, adv_eps=1 / 255, adv_alpha=1 / 255, adv_steps=1,
+                           checkpoint_every=2, log_every=1, eval_every=0)
+    c.init_from = model_dir
+    c.mesh.data = 1
+    c.data = {"name": "files", "source": str(tmp_path / "t.jsonl"), "caption_key": None, "label_key": "label",
+              "classnames": CLASSNAMES, "caption_template": "This is a photo of a {}", "shuffle_buffer": 1}
+    result = train_py.run(c, str(tmp_path / "run"), progress=False, log=lambda *a: None)
+    assert (result.step, result.stopped) == (2, "done")
+    before, after = model.params.to_pure_dict(), clipjax.load(str(tmp_path / "run")).params.to_pure_dict()
+    for a, b in zip(jax.tree.leaves(before["text"]), jax.tree.leaves(after["text"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(before["log_logit_scale"]), np.asarray(after["log_logit_scale"]))
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(before["visual"]), jax.tree.leaves(after["visual"])))
+    assert moved > 1e-6

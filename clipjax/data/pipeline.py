@@ -76,6 +76,7 @@ class DataConfig:
         A missing or unusable label (not an integer, negative, >= the number of classnames) makes the
         example bad (kind `label`). None: no labels.
       classnames: a UTF-8 text file of class names, one per line in label order (`Batches.classnames`),
+        the names themselves (a tuple or list of strings, e.g. `clipjax.metrics.get_classnames("imagenet1k")`),
         or `"tfds"`: the names of the tfds ClassLabel feature `label_key`. Needs `label_key`.
       caption_template: every example's caption is `caption_template.format(classnames[label])` (`{}`,
         `{0}` or `{c}` stands for the name; TeCoA: `"This is a photo of a {}"`); the source's own
@@ -100,7 +101,7 @@ class DataConfig:
     caption_key: str | None = "title"
     caption_list_key: str | None = None
     label_key: str | None = None
-    classnames: str | None = None
+    classnames: str | tuple[str, ...] | None = None
     caption_template: str | None = None
     image_root: str | None = None
     shuffle_buffer: int = 2000
@@ -122,6 +123,12 @@ class DataConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0")
+        if isinstance(self.classnames, (list, tuple)):
+            names = tuple(self.classnames)
+            if not names or not all(isinstance(n, str) and n.strip() for n in names):
+                raise ValueError(f"classnames: expected a non-empty sequence of non-empty strings (one per label), "
+                                 f"got {self.classnames!r:.200}")
+            object.__setattr__(self, "classnames", names)  # hashable and picklable for grain workers
         for name in ("label_key", "classnames", "caption_template"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name}='' is empty; give a value or None")
@@ -498,6 +505,8 @@ def resolve_classnames(config: DataConfig, source=None) -> tuple[str, ...] | Non
     opened `TfdsSource`), or None."""
     if config.classnames is None:
         return None
+    if isinstance(config.classnames, tuple):
+        return config.classnames
     if config.classnames == "tfds":
         return (source if source is not None else open_source(config)).class_names()
     return S.read_classnames(config.classnames)

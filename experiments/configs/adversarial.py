@@ -21,10 +21,12 @@ robustness.md items 1, 2 and 13). Hyperparameters and their sources:
   term KL(a || a0) + KL(a || c), weights 1 and 1 as the official code (`advflyp_feature_weight`,
   `advflyp_logit_weight`); eps and steps follow TeCoA's training attack.
 
-TeCoA, PMG-AFT and FARE keep the text tower frozen (`lock_text`). The labelled ImageNet /
-TinyImageNet sources are not provided by experiments/train.py yet, so the paper recipes name a data
-source that fails clearly; `,digits` runs the same method, attack and optimizer shortened on the
-labelled digits source (`make demo`'s checkpoint as `init_from`, default `out/demo`):
+TeCoA, PMG-AFT and FARE keep the text tower frozen (`lock_text`). The paper recipes read labelled
+webdataset shards (`KEY.jpg` + `KEY.cls`) through the `files` source (`paper_data`): captions and
+class text embeddings from TeCoA's prompt "This is a photo of a {}" and the class names; set
+`--config.data.source` to your shards (and `--config.init_from` to a converted ViT-B-32).
+`,digits` runs the same method, attack and optimizer shortened on the labelled digits source
+(`make demo`'s checkpoint as `init_from`, default `out/demo`):
 
   python experiments/train.py --config experiments/configs/adversarial.py:tecoa,digits --workdir out/tecoa
 """
@@ -52,7 +54,23 @@ RECIPES = {
                     adv_eps=1 / 255, adv_alpha=1 / 255, adv_steps=2),
 }
 DIGITS_LR = {"tecoa": 1e-3, "pmg-aft": 1e-3, "fare": 1e-4, "advflyp": 1e-4}  # chosen on the digits model
-PAPER_DATA = {"tecoa": "imagenet", "pmg-aft": "tiny_imagenet", "fare": "imagenet", "advflyp": "imagenet_captions"}
+TECOA_PROMPT = "This is a photo of a {}"
+
+
+def paper_data(method: str) -> dict:
+    """The papers' training sets as labelled `files` sources (webdataset tars: KEY.jpg + KEY.cls, or
+    KEY.txt captions for AdvFLYP); point `--config.data.source` (and for TinyImageNet
+    `--config.data.classnames`) at your copy."""
+    from clipjax.metrics.templates import get_classnames
+
+    if method == "advflyp":  # ImageNet images with captions (ImageNet-Captions): image-text pairs
+        return {"name": "files", "source": "imagenet-captions/train-*.tar"}
+    if method == "pmg-aft":  # TinyImageNet: 200 classes; its names (words of the WordNet ids) come with your copy
+        return {"name": "files", "source": "tiny-imagenet/train-*.tar", "label_key": "cls",
+                "classnames": "tiny-imagenet/classnames.txt", "caption_template": TECOA_PROMPT}
+    # ImageNet-1k with CLIP's class names (clip_benchmark's imagenet1k list, as TeCoA's code uses)
+    return {"name": "files", "source": "imagenet/train-*.tar", "label_key": "cls",
+            "classnames": list(get_classnames("imagenet1k")), "caption_template": TECOA_PROMPT}
 
 
 def get_config(arg=None):
@@ -70,5 +88,5 @@ def get_config(arg=None):
     c.model.name = None if digits else "ViT-B-32"  # the papers' backbone; must be init_from's architecture
     c.init_from = "out/demo" if digits else None
     c.mesh.data = -1
-    c.data = {"name": "digits"} if digits else {"name": PAPER_DATA[method]}
+    c.data = {"name": "digits"} if digits else paper_data(method)
     return c
