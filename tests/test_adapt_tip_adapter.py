@@ -2,7 +2,9 @@
 build_cache_model, search_hp` and `main_imagenet.py:run_tip_adapter`, plus a few-shot run on
 scikit-learn's digits.
 
-Tolerance: logits rtol 1e-5 / atol 1e-4 (float32 exp(-beta (1 - cos)) sums vs float64, logits ~100).
+Tolerance: logits rtol 1e-5 / atol 1e-4 (float32 exp(-beta (1 - cos)) sums vs float64, logits ~100). The search
+grids (given and default, the latter from `configs/imagenet.yaml`: search_scale [7, 3], search_step [200, 20])
+are equal exactly.
 """
 
 import numpy as np
@@ -30,9 +32,19 @@ def tip_logits_oracle(feats, keys_t, values, clip_weights, alpha, beta):
     return 100.0 * feats @ clip_weights + cache * alpha
 
 
-def search_oracle(feats, labels, keys_t, values, clip_weights, scale, step):
+# configs/imagenet.yaml (and the other configs): search_scale [7, 3], search_step [200, 20]
+REFERENCE_SEARCH_SCALE, REFERENCE_SEARCH_STEP = (7, 3), (200, 20)
+
+
+def grid_oracle(scale, step):
+    """`utils.py:search_hp`'s beta_list and alpha_list."""
     beta_list = [i * (scale[0] - 0.1) / step[0] + 0.1 for i in range(step[0])]
     alpha_list = [i * (scale[1] - 0.1) / step[1] + 0.1 for i in range(step[1])]
+    return beta_list, alpha_list
+
+
+def search_oracle(feats, labels, keys_t, values, clip_weights, scale, step):
+    beta_list, alpha_list = grid_oracle(scale, step)
     best_acc, best_beta, best_alpha = 0, 0, 0
     for beta in beta_list:
         for alpha in alpha_list:
@@ -75,7 +87,15 @@ def test_search_matches_reference():
     scale, step = (7.0, 3.0), (20, 10)  # the ImageNet ranges on a coarser grid
     want_beta, want_alpha = search_oracle(val_x, val_y, keys_t, values, text.T.astype(np.float64), scale, step)
     betas, alphas = tip_grid(scale, step)
-    np.testing.assert_allclose(betas[[0, -1]], [0.1, 19 * 6.9 / 20 + 0.1])
+    want_betas, want_alphas = grid_oracle(scale, step)
+    np.testing.assert_array_equal(betas, want_betas)  # the same float expressions: exactly equal
+    np.testing.assert_array_equal(alphas, want_alphas)
+    # the default grids are the reference config's
+    default_betas, default_alphas = tip_grid()
+    want_betas, want_alphas = grid_oracle(REFERENCE_SEARCH_SCALE, REFERENCE_SEARCH_STEP)
+    assert default_betas.shape == (200,) and default_alphas.shape == (20,)
+    np.testing.assert_array_equal(default_betas, want_betas)
+    np.testing.assert_array_equal(default_alphas, want_alphas)
     params, accs = select_tip_alpha_beta(tip_adapter.fit(aug, shot_y, text_emb=text), val_x, val_y, betas, alphas)
     assert accs.shape == (20, 10) and accs.max() > accs.min()
     assert float(params.beta) == pytest.approx(want_beta, rel=1e-6)

@@ -3,7 +3,8 @@
 Tolerances:
 - Hessel CLIP-S / RefCLIP-S vs a float64 numpy transcription of
   `jmhessel/clipscore:clipscore.py` (`get_clip_score`, `get_refonlyclipscore`, the
-  harmonic mean in `main`): float32 inputs, so atol 1e-6 on scores in [0, 2.5].
+  harmonic mean in `main`): float32 inputs, so atol 1e-6 on scores in [0, 2.5], on every row
+  (rows whose CLIP-S clips to 0 included); a 0/0 row must be NaN on both sides.
 - torchmetrics `CLIPScore` (module, end to end with a random-init transformers CLIP on
   real skimage photos): both sides are float32 cosines times 100 from the same
   features, atol 1e-4 on a score in [0, 100] (float32 ulp at 100 is 8e-6; the
@@ -21,7 +22,9 @@ from clipjax import metrics
 
 
 def _hessel_oracle(img, cand, refs):
-    """float64 transcription of Hessel's code: per-instance CLIP-S and RefCLIP-S."""
+    """float64 transcription of Hessel's code: per-instance CLIP-S, RefCLIP-S and the best reference cosine b.
+
+    RefCLIP-S = 2 a b / (a + b) is 0/0 (NaN, with numpy's warning silenced) where a = b = 0."""
     img = img / np.sqrt(np.sum(img ** 2, axis=1, keepdims=True))
     cand = cand / np.sqrt(np.sum(cand ** 2, axis=1, keepdims=True))
     per = 2.5 * np.clip(np.sum(img * cand, axis=1), 0, None)
@@ -30,25 +33,34 @@ def _hessel_oracle(img, cand, refs):
         r = r / np.sqrt(np.sum(r ** 2, axis=1, keepdims=True))
         text_text.append(np.max(c.dot(r.T)))
     text_text = np.array(text_text)
-    return per, 2 * per * text_text / (per + text_text)
+    with np.errstate(invalid="ignore"):
+        return per, 2 * per * text_text / (per + text_text), text_text
 
 
 def test_clip_score_and_ref_clip_score_match_hessel():
+    """Every row is compared with the oracle (atol 1e-6), the rows where CLIP-S clips to 0 included (expected
+    RefCLIP-S 0); only the genuinely undefined 0/0 row (CLIP-S 0 and best reference cosine exactly 0, built from
+    basis vectors in row 0) is left out of the value comparison, and must be NaN as the reference code gives."""
     rng = np.random.default_rng(0)
     n, d, r = 40, 16, 4
     img = rng.normal(size=(n, d)).astype(np.float32)
-    cand = (0.4 * img + rng.normal(size=(n, d))).astype(np.float32)
+    cand = (0.2 * img + rng.normal(size=(n, d))).astype(np.float32)  # about a quarter of CLIP-S clip to 0
     refs = (cand[:, None] + 1.5 * rng.normal(size=(n, r, d))).astype(np.float32)
     n_refs = rng.integers(1, r + 1, n)  # varying numbers of references, padded to r
+    eye = np.eye(d, dtype=np.float32)
+    img[0], cand[0], refs[0, 0], n_refs[0] = eye[0], eye[1], eye[2], 1  # cos(img, cand) = cos(cand, ref) = 0
     mask = np.arange(r)[None, :] < n_refs[:, None]
-    per, ref_per = _hessel_oracle(img.astype(np.float64), cand.astype(np.float64),
-                                  [refs[i, :n_refs[i]].astype(np.float64) for i in range(n)])
-    assert (per > 0).any() and (per == 0).any()  # both branches of the clip are exercised
+    per, ref_per, best_ref = _hessel_oracle(img.astype(np.float64), cand.astype(np.float64),
+                                            [refs[i, :n_refs[i]].astype(np.float64) for i in range(n)])
+    undefined = (per == 0) & (best_ref == 0)
+    assert np.flatnonzero(undefined).tolist() == [0]
+    assert (per > 0).sum() >= 5 and ((per == 0) & ~undefined).sum() >= 5  # both branches of the clip, compared
     np.testing.assert_allclose(np.asarray(metrics.clip_score(img, cand)), per, atol=1e-6)
     padded = np.where(mask[..., None], refs, np.nan)  # padding is never read
     got = np.asarray(metrics.ref_clip_score(img, cand, np.nan_to_num(padded, nan=7.0), mask))
-    ok = per + ref_per != 0
-    np.testing.assert_allclose(got[ok], ref_per[ok], atol=1e-6)
+    assert np.isnan(got[undefined]).all() and np.isfinite(got[~undefined]).all()
+    np.testing.assert_allclose(got[~undefined], ref_per[~undefined], atol=1e-6)
+    np.testing.assert_array_equal(got[(per == 0) & ~undefined], 0.0)  # clipped CLIP-S: RefCLIP-S is 0
     # jit
     np.testing.assert_allclose(np.asarray(jax.jit(metrics.clip_score)(img, cand)), per, atol=1e-6)
 

@@ -105,13 +105,17 @@ def test_shift_with_given_direction():
 
 
 def test_sweep_matches_oracle():
+    """The default sweep is the notebook's `for delta in np.arange(-5, 5, 0.25)` (`move_features`), built here
+    independently and compared exactly; `gap_sweep` without `lambdas` runs it and matches the oracle."""
     image, text = _pairs(seed=6)
-    lambdas = mg.DEFAULT_LAMBDAS
+    lambdas = np.arange(-5, 5, 0.25)  # shift_features.ipynb:move_features
+    np.testing.assert_array_equal(mg.DEFAULT_LAMBDAS, lambdas)
     assert len(lambdas) == 40 and lambdas[0] == -5.0 and lambdas[-1] == 4.75
     ref_gap, ref_acc, margin = _move_features_oracle(image, text, lambdas)
     assert margin > 1e-6  # no near-ties, so float32 and float64 agree on every argmax
     with jax.enable_x64(True):
-        out = mg.gap_sweep(image, text, lambdas)
+        out = mg.gap_sweep(image, text)  # the default grid
+        np.testing.assert_array_equal(np.asarray(out["lambda"]), lambdas)
         np.testing.assert_allclose(np.asarray(out["gap"]), ref_gap, rtol=1e-12)
         np.testing.assert_array_equal(np.asarray(out["accuracy"]), ref_acc)
     out32 = mg.gap_sweep(image.astype(np.float32), text.astype(np.float32), lambdas, lambda_batch=7)

@@ -3,7 +3,8 @@
 Tolerances: classifier weights and logits are float32 on both sides from the same
 embeddings, so they agree to 1e-5 (absolute; values are O(1) for weights, O(100)
 for logits: rtol 1e-5 there). Accuracies are ratios of integer counts and must be
-equal (to float32 resolution, 1e-6).
+equal (to float32 resolution, 1e-6). The shipped templates and class names must equal
+clip_benchmark's JSON files and open_clip's ImageNet lists exactly.
 """
 
 import jax
@@ -107,7 +108,8 @@ def test_topk_accuracy_matches_clip_benchmark_accuracy_and_sklearn(zc):
     ours = metrics.topk_accuracy(logits, labels, (1, 3, 5))
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-6)
     for k in (1, 3, 5):
-        assert abs(top_k_accuracy_score(labels, logits, k=k, labels=np.arange(12)) - float(ours[(1, 3, 5).index(k)])) < 1e-6
+        want = top_k_accuracy_score(labels, logits, k=k, labels=np.arange(12))
+        assert abs(want - float(ours[(1, 3, 5).index(k)])) < 1e-6
     bal = balanced_accuracy_score(labels, logits.argmax(1))
     assert abs(float(metrics.mean_per_class_recall(logits, labels)) - bal) < 1e-6
     assert abs(float(metrics.mean_per_class_recall(logits.argmax(1), labels, 12)) - bal) < 1e-6
@@ -149,13 +151,39 @@ def test_jit_and_mask_for_class_specific_prompts():
     np.testing.assert_allclose(np.asarray(acc), np.asarray(metrics.topk_accuracy(logits, labels, (1, 2))))
 
 
+def _clip_benchmark_json(name):
+    """A data file of the installed clip_benchmark package (`clip_benchmark/datasets/<name>`)."""
+    import json
+    from importlib import resources
+
+    with resources.files("clip_benchmark").joinpath("datasets", name).open("r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.mark.parity
+def test_shipped_templates_and_classnames_equal_the_references():
+    """Every data set's templates and class names equal clip_benchmark's `en_zeroshot_classification_templates.json`
+    / `en_classnames.json` exactly (same keys, same lists in the same order); the ImageNet entries also equal
+    open_clip's `OPENAI_IMAGENET_TEMPLATES` (callables, rendered with `t("{c}")`) and `IMAGENET_CLASSNAMES`."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    ref_templates = _clip_benchmark_json("en_zeroshot_classification_templates.json")
+    ref_names = _clip_benchmark_json("en_classnames.json")
+    assert metrics.template_datasets() == sorted(ref_templates)
+    assert metrics.classname_datasets() == sorted(ref_names)
+    for key, want in ref_templates.items():
+        assert metrics.get_templates(key) == want, key
+    for key, want in ref_names.items():
+        assert metrics.get_classnames(key) == want, key
+    openai = [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert len(openai) == 80
+    assert metrics.openai_imagenet_templates() == openai == metrics.get_templates("imagenet2012")
+    assert metrics.get_classnames("imagenet2012") == list(IMAGENET_CLASSNAMES)
+
+
 def test_templates_and_prompts():
-    t = metrics.openai_imagenet_templates()
-    assert len(t) == 80 and all("{c}" in s for s in t)
-    assert len(metrics.get_classnames("imagenet2012")) == 1000
-    assert metrics.get_templates("cifar10")[0] == "a photo of a {c}."
-    assert "cifar100" in metrics.template_datasets()
-    assert metrics.build_prompts(["cat", "dog"], ["a {c}.", "the {c}"]) == [["a cat.", "the cat"], ["a dog.", "the dog"]]
+    assert (metrics.build_prompts(["cat", "dog"], ["a {c}.", "the {c}"])
+            == [["a cat.", "the cat"], ["a dog.", "the dog"]])
     assert metrics.build_prompts(["cat"], {"cat": ["meow"]}) == [["meow"]]
     assert tpl.canonical_name("Imagenet2012:5.1.0") == "imagenet1k"
     with pytest.raises(KeyError, match="available"):

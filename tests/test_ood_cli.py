@@ -5,9 +5,10 @@ unsharded, embeddings from `model.encode_image` / `encode_dense` / `encode_text`
 the scores from float64 numpy formulas (MCM, GL-MCM, energy, max-logit, MSP, NegLabel mining
 with `np.quantile` and grouping), and AUROC/FPR from scikit-learn. AdaNeg is checked for wiring
 (same stream order and negatives through `clipjax.ood.adaneg_scores`; its math is tested against
-the reference in test_ood_adaneg.py). Tolerances: AUROC and FPR must be equal (the orderings
-of 4 + 4 distinct scores do not move under 1e-6 perturbations); the CLI encodes on 8 sharded
-devices in padded batches, the oracle on one device.
+the reference in test_ood_adaneg.py). Tolerances: the raw score arrays (captured from the CLI)
+rtol 1e-5 / atol 1e-7 (the CLI encodes on 8 sharded devices in padded batches, the oracle on one
+device); AUROC and FPR must be equal (the orderings of 4 + 4 distinct scores do not move under
+1e-6 perturbations), FPR "nearest" against `test_ood_metrics.ref_nearest`.
 """
 
 import json
@@ -77,11 +78,26 @@ def _fprs(s_in, s_out, level=0.95):
     return openood, interpolated
 
 
-def test_ood_folders_every_score(model_dir, folders, capsys):
+def test_ood_folders_every_score(model_dir, folders, capsys, monkeypatch):
+    """The raw [ID; OOD] score arrays the CLI computes (captured from `clipjax.cli.ood._scores`) equal the float64
+    oracle's at rtol 1e-5 (atol 1e-7: the CLI embeds on 8 sharded devices in padded batches); the JSON's AUROC
+    and FPR@95 under the three conventions equal scikit-learn's / OpenOOD's / CLIPN's and, for "nearest",
+    `test_ood_metrics.ref_nearest` (Hendrycks' `fpr_and_fdr_at_recall`), computed from the oracle scores."""
     from PIL import Image
+    from test_ood_metrics import ref_nearest
 
+    import clipjax.cli.ood as ood_cli
     import clipjax.ood as ood
 
+    captured = {}
+    cli_scores = ood_cli._scores
+
+    def recording_scores(name, args, ctx):
+        s, params = cli_scores(name, args, ctx)
+        captured[name] = np.array(s, np.float64)
+        return s, params
+
+    monkeypatch.setattr(ood_cli, "_scores", recording_scores)
     out = folders / "res.json"
     code, stdout, err = _run(capsys, [
         "ood", "--model", model_dir, "--id-classes", str(folders / "classes.txt"),
@@ -127,13 +143,16 @@ def test_ood_folders_every_score(model_dir, folders, capsys):
         "neglabel": neglabel,
         "adaneg": ada,
     }
+    assert set(captured) == set(want)
     for name, s in want.items():
+        np.testing.assert_allclose(captured[name], s, rtol=1e-5, atol=1e-7, err_msg=name)
         got = result["scores"][name]
         auc = roc_auc_score(np.r_[np.ones(4), np.zeros(4)], s)
         assert got["auroc"] == pytest.approx(auc, abs=1e-6), name
         openood, interpolated = _fprs(s[:4], s[4:])
         assert got["fpr"]["openood"] == pytest.approx(openood, abs=1e-6), name
         assert got["fpr"]["interpolated"] == pytest.approx(interpolated, abs=1e-6), name
+        assert got["fpr"]["nearest"] == pytest.approx(ref_nearest(s[:4], s[4:], 0.95), abs=1e-6), name
         assert set(got["fpr"]) == {"openood", "nearest", "interpolated"}
 
 

@@ -7,8 +7,9 @@ oracle classifier's clean predictions for 8 photos and a wrong class for 2, so t
 known (0.8) and the attacks have correctly classified points to break.
 
 Oracle, built without the CLI: the checkpoint loaded on one device; the class weights from
-`clipjax.metrics.zeroshot_classifier` over `model.encode_text` with the same names and templates (OpenAI's
-80 ImageNet templates by default, `--templates cifar10` in the attack case); the [0, 1] pixels from
+`clipjax.metrics.zeroshot_classifier` over `model.encode_text` with the same names and the reference templates
+read from the installed clip_benchmark package (its `imagenet1k` entry, OpenAI's 80 ImageNet templates, by default;
+its `cifar10` entry for `--templates cifar10` in the attack case); the [0, 1] pixels from
 `clipjax.preprocess.resize_and_crop` / 255 (checked against `model.preprocess` after mean/std to 1e-6);
 then `clipjax.robust.robust_accuracy` called directly on each batch of 8 with the key the CLI documents,
 `fold_in(key(seed), b)`. For a protocol (tecoa: PGD-5, APGD-CE, APGD-DLR) and a single attack (PGD-CW,
@@ -59,6 +60,16 @@ def pixels(model, tmp_path_factory):
     return folder, x
 
 
+def _reference_templates(dataset):
+    """CLIP_benchmark's templates for `dataset` from the installed clip_benchmark package (its `imagenet1k` entry is
+    OpenAI's 80 ImageNet templates; `test_metrics_zeroshot.py` checks clipjax's asset and open_clip against it)."""
+    from importlib import resources
+
+    name = "en_zeroshot_classification_templates.json"
+    with resources.files("clip_benchmark").joinpath("datasets", name).open("r", encoding="utf-8") as f:
+        return json.load(f)[dataset]
+
+
 def _weights(model, templates):
     from clipjax.metrics import zeroshot_classifier
 
@@ -68,11 +79,10 @@ def _weights(model, templates):
 @pytest.fixture(scope="module")
 def files(model, pixels):
     """Classes and labels files: the clean predictions (80-template classifier) for 8 photos, wrong for 2."""
-    from clipjax.metrics import templates
     from clipjax.robust import zero_shot_logits_fn
 
     folder, x = pixels
-    logits_fn = zero_shot_logits_fn(model.params, model.config, _weights(model, templates.openai_imagenet_templates()))
+    logits_fn = zero_shot_logits_fn(model.params, model.config, _weights(model, _reference_templates("imagenet1k")))
     pred = np.asarray(jax.numpy.argmax(logits_fn(x), axis=1))
     labels = pred.copy()
     labels[[2, 7]] = (pred[[2, 7]] + 1) % len(CLASSES)
@@ -125,7 +135,6 @@ def _check_result(got, want, eps):
 
 
 def test_protocol_matches_robust_accuracy(model, model_dir, pixels, files, tmp_path, capsys):
-    from clipjax.metrics import templates
     from clipjax.robust import PROTOCOLS
 
     _, x = pixels
@@ -143,7 +152,7 @@ def test_protocol_matches_robust_accuracy(model, model_dir, pixels, files, tmp_p
     for row in want_attacks:
         row.pop("alpha", None)
     assert result["settings"]["attacks"] == want_attacks
-    weights = _weights(model, templates.openai_imagenet_templates())
+    weights = _weights(model, _reference_templates("imagenet1k"))
     for got, eps in zip(result["results"], (1 / 255, 0.0157)):
         want = _oracle(model, x, files["labels"], weights, eps, 3, protocol="tecoa")
         _check_result(got, want, eps)
@@ -156,8 +165,6 @@ def test_protocol_matches_robust_accuracy(model, model_dir, pixels, files, tmp_p
 
 
 def test_attack_matches_robust_accuracy(model, model_dir, pixels, files, capsys):
-    from clipjax.metrics import templates
-
     _, x = pixels
     code, stdout, err = _run(capsys, [
         "robust", "eval", "--model", model_dir, "--images", files["--images"], "--labels", files["--labels"],
@@ -166,10 +173,10 @@ def test_attack_matches_robust_accuracy(model, model_dir, pixels, files, capsys)
     assert code == 0, err
     result = json.loads(stdout)
     assert result["num_examples"] == 9 and result["attack"] == "pgd-cw" and result["protocol"] is None
-    assert result["num_templates"] == len(templates.get_templates("cifar10"))
+    assert result["num_templates"] == len(_reference_templates("cifar10"))
     assert result["settings"]["attacks"] == [{"name": "pgd-cw", "steps": 3}]
     assert result["settings"]["batch_size"] == BATCH  # 5 rounded up to the 8 devices
-    weights = _weights(model, templates.get_templates("cifar10"))
+    weights = _weights(model, _reference_templates("cifar10"))
     for got, eps in zip(result["results"], (2 / 255, 8 / 255)):
         want = _oracle(model, x[:9], files["labels"][:9], weights, eps, 0, attack="pgd-cw", steps=3, alpha=1 / 255)
         _check_result(got, want, eps)

@@ -195,7 +195,7 @@ def test_from_bpe_gz_is_open_clips_file(strings):
 # ----------------------------------------------------------------------------- save / HF folders
 
 
-def _hf_agrees_on_words(hf, cleaned: str) -> bool:
+def _hf_agrees_on_words(hf, reference, cleaned: str) -> bool:
     """True when transformers' own normaliser and word split leave open_clip's words unchanged.
 
     transformers' CLIP pipeline re-normalises (NFC: `html.unescape` can leave
@@ -205,28 +205,29 @@ def _hf_agrees_on_words(hf, cleaned: str) -> bool:
     differently, which is why clipjax splits words with open_clip's own `regex`
     pattern in Python. It also keeps `<|endoftext|>` whole and matches `'s`
     case-sensitively (open_clip's IGNORECASE also takes `'ſ`). Where the words
-    agree, the saved vocab.json/merges.txt must give identical ids.
+    agree, the saved vocab.json/merges.txt must give identical ids. open_clip's pattern
+    (`reference.pat`) and byte table (`bytes_to_unicode`) define the words, not clipjax's.
     """
-    from clipjax.tokenizer import _WORD_PATTERN, byte_to_unicode
+    from open_clip.tokenizer import bytes_to_unicode
 
     backend = hf.backend_tokenizer
     if backend.normalizer.normalize_str(cleaned) != cleaned:
         return False
-    to_byte = {c: b for b, c in byte_to_unicode().items()}
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
     words = [bytes(to_byte[c] for c in w).decode("utf-8", "replace") for w, _ in
              backend.pre_tokenizer.pre_tokenize_str(cleaned)]
-    return words == _WORD_PATTERN.findall(cleaned) and "<start_of_text>" not in cleaned \
+    return words == reference.pat.findall(cleaned) and "<start_of_text>" not in cleaned \
         and "<end_of_text>" not in cleaned
 
 
-def test_save_loads_in_transformers_clip_tokenizer(ours, strings, tmp_path):
+def test_save_loads_in_transformers_clip_tokenizer(ours, reference, strings, tmp_path):
     import transformers
 
     ours.save(tmp_path)
     hf = transformers.CLIPTokenizer.from_pretrained(tmp_path)
     assert len(hf) == 49408 and (hf.bos_token_id, hf.eos_token_id) == (ours.sot_id, ours.eot_id)
     cleaned = [clean_text(s) for s in strings]
-    comparable = [c for c in cleaned if _hf_agrees_on_words(hf, c)]
+    comparable = [c for c in cleaned if _hf_agrees_on_words(hf, reference, c)]
     assert len(comparable) >= 450, len(comparable)
     want = hf(comparable, max_length=77, truncation=True, split_special_tokens=True).input_ids
     got = ours(comparable)
