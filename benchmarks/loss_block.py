@@ -9,9 +9,9 @@ bigger matmuls. This sweep measures both, to choose `clipjax.losses.chunked.DEFA
   the naive loss's `B x B` float32 logits. Deterministic: it does not depend on machine load.
 * time: the same function executed at every B in `--time-sizes`, interleaved round by round (each
   round runs every block once, in a rotated order, so drift hits all blocks alike); per round the
-  time relative to the round's block-1024 time (the largest block when B < 1024), median [min, max] over rounds, plus the median
-  seconds. The reference in the same rounds is the naive loss (clipjax's `clip_loss` / `siglip_loss`,
-  the full logits).
+  time relative to the round's block-1024 time (the largest block when B < 1024), median [min, max]
+  over rounds, plus the median seconds. The naive loss (clipjax's `clip_loss` / `siglip_loss`, the
+  full logits) runs in the same rounds.
 
   .venv/bin/python benchmarks/loss_block.py                       # full sweep (about 10 min on 2 cores)
   .venv/bin/python benchmarks/loss_block.py --time-sizes 1024 --rounds 2 --memory-sizes 4096   # quick
@@ -100,8 +100,9 @@ def time_rows(losses, sizes, d, blocks, rounds):
                 ratios = [t / r for t, r in zip(times[blk], ref)]
                 row = {"section": "time", "loss": loss, "B": b, "D": d, "block": blk or "naive", "rounds": rounds,
                        "median_s": statistics.median(times[blk]),
-                       "reference_block": ref_block, "time_vs_reference": {"median": statistics.median(ratios), "min": min(ratios),
-                                              "max": max(ratios)}}
+                       "reference_block": ref_block,
+                       "time_vs_reference": {"median": statistics.median(ratios), "min": min(ratios),
+                                             "max": max(ratios)}}
                 rows.append(row)
                 t = row["time_vs_reference"]
                 print(f"time   {loss:6s} B={b:6d} block={str(blk or 'naive'):>5s}: {row['median_s']:8.3f} s, "

@@ -221,7 +221,8 @@ def test_train_steps_match_open_clip(loss, photos):
             return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
         return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
 
-    ref_losses, ref_params, ref_norms = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg), total_steps=STEPS)
+    ref_losses, ref_params, ref_norms = _torch_train(torch, model, batches, torch_loss, *_pixel_stats(cfg),
+                                                     total_steps=STEPS)
     _clipjax_matches(loss, cfg, state, step, batches, sd0, ref_losses, ref_params, ref_norms)
 
 

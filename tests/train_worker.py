@@ -387,9 +387,6 @@ def flat_params(workdir, step=None) -> dict:
     import shutil
     import tempfile
 
-    import jax
-    import numpy as np
-
     import clipjax
 
     if step is not None:  # a workdir that holds only that step
