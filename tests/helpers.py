@@ -65,6 +65,18 @@ def randomise_attention_biases(model):
                 mod.out_proj.bias.copy_(0.1 * torch.randn(mod.out_proj.bias.shape, generator=g))
 
 
+def randomise_zero_biases(model, scale: float):
+    """Random values (std `scale`) for every bias of a torch model that is still all zeros (transformers starts
+    its linear biases at zero, which would hide bias-mapping bugs), in place."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and p.abs().sum() == 0:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
 def open_clip_and_clipjax(folder, cfg: dict | None = None, *, randomise: bool = False):
     """A random-init `open_clip.CLIP(**cfg)` (eval mode; seed 0) and the clipjax `Model` converted from its saved
     state dict with the open_clip JSON (`load_pytorch(..., config=...)`). `randomise`: random norms and attention

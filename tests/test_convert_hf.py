@@ -11,7 +11,7 @@ pytestmark = pytest.mark.parity
 import torch
 import transformers
 
-from helpers import assert_close_scaled  # noqa: E402
+from helpers import assert_close_scaled, randomise_norms, randomise_zero_biases  # noqa: E402
 
 import clipjax  # noqa: E402
 from clipjax.cli import main as cli  # noqa: E402
@@ -46,18 +46,6 @@ CASES = {
 }
 
 
-def _randomise(model):
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and p.abs().sum() == 0:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-
-
 def _features(out):
     return (out.pooler_output if hasattr(out, "pooler_output") else out).detach()
 
@@ -66,7 +54,8 @@ def _features(out):
 def case(request, tmp_path_factory, photos):
     torch.manual_seed(0)
     model = CASES[request.param]().eval()
-    _randomise(model)
+    randomise_norms(model)
+    randomise_zero_biases(model, 0.02)
     d = tmp_path_factory.mktemp(request.param)
     src = d / "hf"
     model.save_pretrained(src, safe_serialization=request.param != "clip-tiny")  # .bin once, safetensors else

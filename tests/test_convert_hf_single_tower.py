@@ -22,7 +22,7 @@ pytestmark = pytest.mark.parity
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from helpers import assert_close_scaled  # noqa: E402
+from helpers import assert_close_scaled, randomise_norms, randomise_zero_biases  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import clipjax  # noqa: E402
@@ -59,19 +59,6 @@ CASES = {
 PREFIX = {"image": "vision_model.", "text": "text_model."}
 
 
-def _randomise(model):
-    """Random LayerNorm affine params and random values for the biases torch initialises at zero."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and p.abs().sum() == 0:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-
-
 def _reference(model, tower: str, x: np.ndarray) -> np.ndarray:
     """The single tower's embedding as transformers returns it (`*_embeds`, else `pooler_output`)."""
     with torch.no_grad():
@@ -99,7 +86,8 @@ def case(request, tmp_path_factory, photos, captions):
     torch.manual_seed(0)
     cls = getattr(transformers, cls_name)
     model = cls(getattr(transformers, cfg_name)(**kw)).eval()
-    _randomise(model)
+    randomise_norms(model)
+    randomise_zero_biases(model, 0.05)
     d = tmp_path_factory.mktemp(request.param)
     src = str(d / "hf")
     model.save_pretrained(src)
