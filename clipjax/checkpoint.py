@@ -52,15 +52,16 @@ def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
     return out
 
 
-def _strkeys(tree):
-    return {str(k): _strkeys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+def string_keys(tree):
+    """A nested dict with every key made a string (what Orbax stores); other leaves as they are."""
+    return {str(k): string_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
-def _like(tree, like):
+def rekey_like(tree, like):
     """Re-key `tree` (string keys) with the key types of `like`."""
     if not isinstance(like, dict):
         return tree
-    return {k: _like(tree[str(k)], v) for k, v in like.items()}
+    return {k: rekey_like(tree[str(k)], v) for k, v in like.items()}
 
 
 def _dotted(path: tuple) -> str:
@@ -92,7 +93,7 @@ def pure_to_params(pure: dict, config: CLIPConfig) -> nnx.State:
             return a if a.dtype == dtype else a.astype(dtype)
         return jnp.asarray(np.asarray(a, np.float32), dtype)
 
-    arrays = jax.tree.map(cast, _like(_strkeys(pure), abstract.to_pure_dict()))
+    arrays = jax.tree.map(cast, rekey_like(string_keys(pure), abstract.to_pure_dict()))
     nnx.replace_by_pure_dict(abstract, arrays)
     return abstract
 
@@ -471,7 +472,7 @@ def save(folder: str, config: CLIPConfig, params: nnx.State | dict, *, tokenizer
         raise ValueError(f"tokenizer_dir={tokenizer_dir!r}: this is an image-only model (towers='image'), which has "
                          "no text tower to tokenize for")
     state = params if isinstance(params, nnx.State) else pure_to_params(params, config)
-    pure = _strkeys(jax.tree.map(_savable, state.to_pure_dict()))
+    pure = string_keys(jax.tree.map(_savable, state.to_pure_dict()))
     with atomic_folder(folder, overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:  # every process: Orbax coordinates the writers
             ckptr.save(os.path.join(tmp, "params"), pure)
@@ -558,7 +559,7 @@ def load(folder: str, mesh=None, config_overrides: dict | None = None) -> Model:
                           abstract.to_pure_dict(), shard_tree)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            stored = _strkeys(target)
+            stored = string_keys(target)
             if legacy:
                 stored = {_LEGACY_NAMES.get(k, k): v for k, v in stored.items()}
             restored = ckptr.restore(params_dir(folder), stored)
@@ -567,7 +568,7 @@ def load(folder: str, mesh=None, config_overrides: dict | None = None) -> Model:
                 restored = {old.get(k, k): v for k, v in restored.items()}
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ConversionError(f"{folder}: params do not match the stored config or are damaged: {e}") from None
-    nnx.replace_by_pure_dict(abstract, _like(restored, abstract.to_pure_dict()))
+    nnx.replace_by_pure_dict(abstract, rekey_like(restored, abstract.to_pure_dict()))
     tok_dir = os.path.join(folder, "tokenizer")
     tokenizer = None
     if os.path.isdir(tok_dir) and config.has_text:

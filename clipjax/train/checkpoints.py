@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from clipjax.checkpoint import FORMAT, VERSION, _like, _strkeys
+from clipjax.checkpoint import FORMAT, VERSION, rekey_like, string_keys
 from clipjax.config import CLIPConfig
 from clipjax.train.state import TrainState
 
@@ -132,9 +132,9 @@ class Checkpointer:
         model_state = nnx.merge_state(state.params, state.batch_stats)
         train = {"step": state.step, "rng": state.rng, "opt": _opt_leaves(state.opt_state)}
         if state.ema is not None:
-            train["ema"] = _strkeys(state.ema.to_pure_dict())
+            train["ema"] = string_keys(state.ema.to_pure_dict())
         self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(_strkeys(model_state.to_pure_dict())),
+            params=ocp.args.StandardSave(string_keys(model_state.to_pure_dict())),
             train=ocp.args.StandardSave(train),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)
@@ -219,11 +219,11 @@ class Checkpointer:
                 train_sh["ema"] = pure(sh.ema)
         train_t = target(train_t, train_sh)
         got = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_strkeys(params_t)),
-            train=ocp.args.StandardRestore(_strkeys(train_t)),
+            params=ocp.args.StandardRestore(string_keys(params_t)),
+            train=ocp.args.StandardRestore(string_keys(train_t)),
             data=ocp.args.JsonRestore()))
         model_state = jax.tree.map(lambda a: a, model_abs)
-        nnx.replace_by_pure_dict(model_state, _like(got["params"], pure(model_abs)))
+        nnx.replace_by_pure_dict(model_state, rekey_like(got["params"], pure(model_abs)))
         params, stats = nnx.split_state(model_state, nnx.Param, nnx.BatchStat)
         tr = got["train"]
         opt_state = jax.tree.unflatten(jax.tree.structure(abstract.opt_state),
@@ -231,7 +231,7 @@ class Checkpointer:
         ema = None
         if abstract.ema is not None:
             ema = jax.tree.map(lambda a: a, abstract.ema)
-            nnx.replace_by_pure_dict(ema, _like(tr["ema"], pure(abstract.ema)))
+            nnx.replace_by_pure_dict(ema, rekey_like(tr["ema"], pure(abstract.ema)))
         state = TrainState(step=tr["step"], params=params, batch_stats=stats, opt_state=opt_state, ema=ema,
                            rng=tr["rng"])
         return state, local_data_state(got["data"])
