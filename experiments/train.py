@@ -298,9 +298,6 @@ def _files_eval(eval_cfg: dict, model_cfg, tc, tok, mesh):
         kw = {k: v for k, v in d.items() if k in fields}
         if which == "zeroshot":
             for key in ("label_key", "classnames"):
-                if key not in fields:
-                    raise DataSourceError(f"data.eval.zeroshot needs clipjax.data.DataConfig.{key}, which this "
-                                          "version of clipjax.data does not have")
                 if not kw.get(key):
                     raise DataSourceError(f"data.eval.zeroshot needs {key} (label_key: where each example's class "
                                           "index is; classnames: a file of names, one per line, or 'tfds')")
