@@ -155,6 +155,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--arch", default="ViT-B-32,ViT-B-16")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--pairs", type=int, default=7)
+    ap.add_argument("--dtypes", default=None, help="compute dtypes to time (default: float32, and bfloat16 on a GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
     gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
     rows = []
     for arch in args.arch.split(","):
-        for dtype in ["float32"] + (["bfloat16"] if gpu else []):
+        for dtype in args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if gpu else []):
             rows += bench_arch(arch, args.batch, args.pairs, dtype, gpu)
 
     device = jax.devices()[0].device_kind if gpu else f"CPU, torch threads {torch.get_num_threads()}"
