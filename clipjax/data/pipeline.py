@@ -72,7 +72,8 @@ class DataConfig:
         for tfds the feature names. `caption_key=None`: the source has no captions (needs `caption_template`).
       caption_list_key: JSON key or column holding extra captions (LaCLIP); one caption is drawn per epoch.
       label_key: where the class index is (batches gain `label` int32 [b]): the tar member extension
-        (`cls`: an ASCII integer), the table column / JSON key, or the tfds integer feature (`label`).
+        (`cls`: an ASCII integer; without that member, the key `label_key` of the example's `KEY.json`),
+        the table column / JSON key, or the tfds integer feature (`label`).
         A missing or unusable label (not an integer, negative, >= the number of classnames) makes the
         example bad (kind `label`). None: no labels.
       classnames: a UTF-8 text file of class names, one per line in label order (`Batches.classnames`),

@@ -10,8 +10,9 @@ Every reader yields *raw records*, plain dicts that worker processes turn into t
 column); LaCLIP-style extra captions (a list under `caption_list_key` in the JSON or table row)
 follow it. A reader told that the source has no captions (`caption_key=None`: the pipeline makes
 them from the label) leaves `captions` empty. A reader given a `label_key` adds `label`: the value
-as stored (the bytes of the tar member `KEY.<label_key>`, the table cell or JSON value), None when
-the example has none; the pipeline parses and range-checks it (`clipjax.data.pipeline.parse_label`).
+as stored (the bytes of the tar member `KEY.<label_key>`, else the value under `label_key` in
+`KEY.json`; the table cell or JSON value), None when the example has none; the pipeline parses and
+range-checks it (`clipjax.data.pipeline.parse_label`).
 A record that cannot be used carries `bad` (one of `clipjax.data.errors.KINDS`) and a message in
 `why`, and is skipped and counted downstream; readers never raise on one bad example.
 
@@ -19,10 +20,12 @@ Source specs, written as on open_clip's or big_vision's command lines:
 
 * `shards/{00000..00127}.tar`, `shards/*.tar` or `a.tar,b.tar` (local paths): tar
   shards as img2dataset writes them (`KEY.jpg|jpeg|png|webp` with `KEY.txt` and/or `KEY.json`,
-  members of one example adjacent; class labels as webdataset's ImageNet shards hold them:
-  `KEY.cls`). Streamed: `TarShard` reads one shard front to back and its position (examples
-  read) is its whole state, so a restored reader re-opens the shard and skips the examples
-  already read, by seeking over their members.
+  members of one example adjacent; class labels as webdataset's ImageNet shards hold them,
+  `KEY.cls`, or as img2dataset-style metadata, `{"label": 3}` in `KEY.json`: the member
+  `KEY.<label_key>` wins, the JSON key `label_key` is read only when that member is absent).
+  Streamed: `TarShard` reads one shard front to back and its position (examples read) is its
+  whole state, so a restored reader re-opens the shard and skips the examples already read, by
+  seeking over their members.
 * `FILE.csv`, `FILE.tsv`: open_clip's `CsvDataset` table (`--csv-img-key filepath
   --csv-caption-key title`). open_clip's separator defaults to a tab whatever the extension; here
   the header decides: a tab-separated header holding both keys means tabs, else a comma-separated
@@ -87,8 +90,14 @@ def expand_shards(spec: str) -> list[str]:
 # ----------------------------------------------------------------------------- tar shards
 
 def _sample_record(key: str, files: dict[str, bytes], caption_list_key: str | None, label_key: str | None = None,
-                   read_captions: bool = True) -> dict:
-    """One example's members (`ext -> bytes`) as a raw record (`label`: the bytes of `KEY.<label_key>`)."""
+                   read_captions: bool = True, require_captions: bool = True) -> dict:
+    """One example's members (`ext -> bytes`) as a raw record.
+
+    `label`: the bytes of the member `KEY.<label_key>`; when there is no such member, the value of
+    the key `label_key` in `KEY.json` as JSON holds it (an int, or a string of one; the pipeline
+    refuses floats and booleans); None when neither holds one. `require_captions=False`: an example
+    without a caption is kept, with `captions` empty (a labelled set converted for zero-shot use).
+    """
     image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
     meta = {}
     if "json" in files:
@@ -115,16 +124,17 @@ def _sample_record(key: str, files: dict[str, bytes], caption_list_key: str | No
     if image is None:
         return bad_record(key, "missing_image", f"{key} has no {'|'.join(IMAGE_EXTENSIONS)} member "
                                                 f"(members: {sorted(files)})")
-    if read_captions and not captions:
+    if read_captions and require_captions and not captions:
         return bad_record(key, "missing_caption", f"{key} has no caption (.txt, or 'caption' in .json)")
     rec = {"key": key, "image": image, "captions": captions, "bad": None, "why": ""}
     if label_key:
-        rec["label"] = files.get(label_key)
+        rec["label"] = files[label_key] if label_key in files else meta.get(label_key)
     return rec
 
 
 def iter_tar(path: str, *, skip: int = 0, caption_list_key: str | None = None, read_images: bool = True,
-             label_key: str | None = None, read_captions: bool = True) -> Iterator[dict]:
+             label_key: str | None = None, read_captions: bool = True,
+             require_captions: bool = True) -> Iterator[dict]:
     """Raw records of one tar shard, in order, after skipping the first `skip` examples.
 
     Members are grouped into examples by key (adjacent members sharing the name up to the first
@@ -132,8 +142,10 @@ def iter_tar(path: str, *, skip: int = 0, caption_list_key: str | None = None, r
     A shard that cannot be opened yields one `unreadable_file` record; one that ends in damage
     yields the examples before it, then one `bad_shard` record; one with no example yields one
     `empty_shard` record. Bad records count as examples for `skip`, so a restored reader resumes
-    exactly where it was. `label_key`: the member extension holding the class label (`cls`);
-    `read_captions=False`: the source has no captions (records carry none, none is required).
+    exactly where it was. `label_key`: the member extension holding the class label (`cls`), or
+    the `KEY.json` key holding it when that member is absent; `read_captions=False`: the source has
+    no captions (records carry none, none is required); `require_captions=False`: captions are read
+    where present, and an example without one is kept with none.
     """
     name = os.path.basename(path)
     try:
@@ -166,7 +178,8 @@ def iter_tar(path: str, *, skip: int = 0, caption_list_key: str | None = None, r
                 if k != key:
                     if key is not None:
                         if count >= skip:
-                            yield _sample_record(key, files, caption_list_key, label_key, read_captions)
+                            yield _sample_record(key, files, caption_list_key, label_key, read_captions,
+                                                 require_captions)
                         count += 1
                     key, files = k, {}
                 if count >= skip and (read_images or ext not in IMAGE_EXTENSIONS):
@@ -183,7 +196,7 @@ def iter_tar(path: str, *, skip: int = 0, caption_list_key: str | None = None, r
             return
         if key is not None:
             if count >= skip:
-                yield _sample_record(key, files, caption_list_key, label_key, read_captions)
+                yield _sample_record(key, files, caption_list_key, label_key, read_captions, require_captions)
             count += 1
         elif skip == 0:
             yield bad_record(name, "empty_shard", f"shard {path} holds no example")

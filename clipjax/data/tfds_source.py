@@ -17,13 +17,26 @@ Converting: `convert(source_spec, data_dir, name)` reads any tar-shard or table 
 (the encoded bytes, unchanged), `captions` (all captions), `key`. Bad examples are left out and
 counted in the returned summary. The builder needs no TensorFlow (the image is stored as bytes,
 not a `tfds.features.Image`).
+
+Labelled sources (`convert(..., label_key="cls", classnames="names.txt")`, e.g. ImageNet-style tar
+shards with `KEY.cls`, or `{"label": 3}` in `KEY.json`, or a table's label column) gain the feature
+`label`: a tfds `ClassLabel` holding the class names when `classnames` is given (read back with
+`DataConfig(source="tfds:NAME", label_key="label", classnames="tfds")`), an int64 scalar otherwise.
+An example whose label is missing, not an integer, negative or (with class names) not below their
+number is left out and counted as kind `label` (`clipjax.data.pipeline.parse_label`). In a labelled
+dataset captions are optional: an example without one is kept and stored with an empty `captions`
+sequence (the summary counts them as `without_caption`); `caption_key=None` reads no captions at all
+(every `captions` is empty). Such examples are read back with `caption_key=None` and a
+`caption_template` (captions made from the class names); read with the `captions` feature, the
+pipeline counts each one as `missing_caption`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
+import shutil
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -171,69 +184,148 @@ def _builder_class(dataset_name: str):
         code_path = None  # tfds' lookup of the builder's source file fails for editable installs; not needed
 
         def __init__(self, *, source: str = "", caption_list_key: str | None = None, img_key: str = "filepath",
-                     caption_key: str = "title", **kwargs: Any):
+                     caption_key: str | None = "title", label_key: str | None = None,
+                     classnames: tuple[str, ...] | None = None, **kwargs: Any):
             self._source, self._caption_list_key = source, caption_list_key
             self._img_key, self._caption_key = img_key, caption_key
+            self._label_key, self._classnames = label_key, classnames
             self.summary: dict = {}
             super().__init__(**kwargs)
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, description=f"converted by clipjax from {self._source}",
-                                         features=tfds.features.FeaturesDict({
-                                             "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-                                             "captions": tfds.features.Sequence(tfds.features.Text()),
-                                             "key": tfds.features.Text()}))
+            features = {"image": tfds.features.Tensor(shape=(), dtype=np.object_),
+                        "captions": tfds.features.Sequence(tfds.features.Text()),
+                        "key": tfds.features.Text()}
+            if self._label_key:
+                features["label"] = (tfds.features.ClassLabel(names=self._classnames) if self._classnames
+                                     else tfds.features.Scalar(dtype=np.int64))
+            about = f" (label from {self._label_key!r})" if self._label_key else ""
+            return tfds.core.DatasetInfo(builder=self, description=f"converted by clipjax from {self._source}{about}",
+                                         features=tfds.features.FeaturesDict(features))
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
 
         def _generate_examples(self):
             from clipjax.data.errors import KINDS
+            from clipjax.data.pipeline import parse_label
 
             counts = dict.fromkeys(KINDS, 0)
             counts["good"] = 0
-            self.summary = counts
-            for rec in _raw_records(self._source, self._img_key, self._caption_key, self._caption_list_key):
-                if rec["bad"] is not None:
-                    counts[rec["bad"]] += 1
+            self.summary = {"counts": counts, "without_caption": 0, "why": {}}
+            num_classes = len(self._classnames) if self._classnames else None
+            for rec in _raw_records(self._source, self._img_key, self._caption_key, self._caption_list_key,
+                                    self._label_key):
+                bad, why = rec["bad"], rec["why"]
+                if bad is None and self._label_key:
+                    label, why = parse_label(rec.get("label"), num_classes)
+                    bad = None if label is not None else "label"
+                    why = f"{rec['key']}: {why} (label_key={self._label_key!r})" if bad else why
+                if bad is not None:
+                    counts[bad] += 1
+                    self.summary["why"].setdefault(bad, why)  # the first reason of each kind
                     continue
                 counts["good"] += 1
                 image = rec["image"]
                 if not isinstance(image, bytes):
                     image = S.image_bytes(image, "PNG")
-                yield rec["key"], {"image": image, "captions": rec["captions"], "key": rec["key"]}
+                example = {"image": image, "captions": rec["captions"], "key": rec["key"]}
+                if self._label_key:
+                    example["label"] = label
+                    self.summary["without_caption"] += not rec["captions"]
+                yield rec["key"], example
 
     return ClipjaxImageText
 
 
-def _raw_records(spec: str, img_key: str, caption_key: str, caption_list_key: str | None):
+def _raw_records(spec: str, img_key: str, caption_key: str | None, caption_list_key: str | None,
+                 label_key: str | None = None):
+    """Raw records of a tar-shard or table source; with `label_key`, captions are optional."""
     if spec.endswith((".csv", ".tsv", ".jsonl")):
-        table = S.Table.read(spec, img_key, caption_key, caption_list_key)
+        table = S.Table.read(spec, img_key, caption_key, caption_list_key, label_key=label_key)
+        if label_key:
+            table = replace(table, needs_captions=False)
         for i in range(len(table)):
             yield table.record(i)
         return
     for path in S.expand_shards(spec):
-        yield from S.iter_tar(path, caption_list_key=caption_list_key)
+        yield from S.iter_tar(path, caption_list_key=caption_list_key, label_key=label_key,
+                              read_captions=caption_key is not None, require_captions=not label_key)
 
 
-def convert(source: str, data_dir: str, name: str, *, img_key: str = "filepath", caption_key: str = "title",
-            caption_list_key: str | None = None) -> dict:
+def _check_convert_args(name: str, caption_key: str | None, caption_list_key: str | None, label_key: str | None,
+                        classnames) -> tuple[str, ...] | None:
+    """Refuse bad `convert` arguments by name; the class names (read from their file), or None."""
+    if not name or not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
+        raise ValueError(f"dataset name {name!r}: expected lower-case letters, digits and '_', starting with a letter")
+    if label_key == "":
+        raise ValueError("label_key='' is empty; give the tar member extension / JSON key / column of the label, "
+                         "or None")
+    if classnames is not None and not label_key:
+        raise ValueError(f"classnames={classnames!r:.200} needs label_key (--label-key): where each example's class "
+                         "index is (the tar member extension such as cls, a JSON key or a table column)")
+    if caption_key is None and not label_key:
+        raise ValueError("caption_key=None (--no-captions: the source has no captions) needs label_key (--label-key): "
+                         "an example with neither a caption nor a label is of no use")
+    if caption_key is None and caption_list_key is not None:
+        raise ValueError(f"caption_key=None reads no captions, but caption_list_key={caption_list_key!r} asks for "
+                         "extra ones; set one of them")
+    if classnames is None:
+        return None
+    names = S.read_classnames(classnames) if isinstance(classnames, (str, os.PathLike)) else tuple(classnames)
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"classnames: expected a file or a non-empty sequence of non-empty strings (one per "
+                         f"label), got {classnames!r:.200}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"classnames {classnames!r:.200}: names {repeated[:5]} occur more than once; a tfds "
+                         "ClassLabel needs each class name once")
+    return names
+
+
+def convert(source: str, data_dir: str, name: str, *, img_key: str = "filepath", caption_key: str | None = "title",
+            caption_list_key: str | None = None, label_key: str | None = None,
+            classnames: str | Sequence[str] | None = None) -> dict:
     """Write `source` (tar shards or a table) as the tfds dataset `name` under `data_dir/name`.
 
-    Returns a summary: the `tfds:` spec to read it with, its data_dir, and the examples kept and
-    left out by kind. Refuses a data_dir/name that already holds a dataset.
+    Args:
+      source: tar shard pattern or CSV/TSV/JSONL table (`clipjax.data.sources`).
+      data_dir, name: the tfds data_dir to write into and the dataset name (read back as `tfds:NAME`).
+      img_key, caption_key, caption_list_key: table columns / JSON keys, as in `DataConfig`;
+        `caption_key=None`: the source has no captions (needs `label_key`; every `captions` is empty).
+      label_key: where each example's class index is (tar member `KEY.<label_key>`, else that key of
+        `KEY.json`; the table column / JSON key): the dataset gains the feature `label`, and captions
+        become optional (see the module docstring). None: no labels.
+      classnames: a class-name file (one name per line, in label order) or the names themselves:
+        `label` becomes a tfds `ClassLabel` with these names and labels must be below their number.
+        Needs `label_key`.
+
+    Returns a summary: the `tfds:` spec to read it with, its data_dir, the examples kept and left
+    out by kind (`counts`), the first reason of each kind left out (`why`) and, for a labelled
+    source, `label` (`{"feature": "ClassLabel", "num_classes": C}` or `{"feature": "int64"}`) and
+    `without_caption` (kept examples stored with no caption). Refuses a data_dir/name that already holds a dataset.
     """
     import tensorflow_datasets as tfds
 
-    if not name or not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
-        raise ValueError(f"dataset name {name!r}: expected lower-case letters, digits and '_', starting with a letter")
+    names = _check_convert_args(name, caption_key, caption_list_key, label_key, classnames)
     target = os.path.join(data_dir, name)
     if os.path.exists(target) and os.listdir(target):
         raise FileExistsError(f"{target} already holds data; choose another --name or --data-dir")
     builder = _builder_class(name)(source=source, caption_list_key=caption_list_key, img_key=img_key,
-                                   caption_key=caption_key, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
-    summary = {k: v for k, v in builder.summary.items() if v or k == "good"}
-    if not summary.get("good"):
-        raise DataError(f"{source}: no usable example ({summary})")
-    return {"source": f"tfds:{name}:train", "data_dir": data_dir, "counts": summary}
+                                   caption_key=caption_key, label_key=label_key, classnames=names,
+                                   data_dir=data_dir, file_format="array_record")
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    except AssertionError:  # tfds refuses a split without examples ("No examples were yielded"): said below
+        if builder.summary.get("counts", {}).get("good"):
+            raise
+    counts = {k: v for k, v in builder.summary["counts"].items() if v or k == "good"}
+    if not counts.get("good"):
+        shutil.rmtree(target, ignore_errors=True)  # empty before this call: an empty dataset would block a retry
+        raise DataError(f"{source}: no usable example ({counts}; first reasons: {builder.summary['why']}); nothing "
+                        f"was written to {target}")
+    out = {"source": f"tfds:{name}:train", "data_dir": data_dir, "counts": counts, "why": builder.summary["why"]}
+    if label_key:
+        out["label"] = {"feature": "ClassLabel", "num_classes": len(names)} if names else {"feature": "int64"}
+        out["without_caption"] = builder.summary["without_caption"]
+    return out
