@@ -29,7 +29,7 @@ import sys
 import numpy as np
 
 from clipjax.cli.inputs import (Encoder, captions_of, embedded_images, emit, examples, field, image_files,
-                                open_images, pair_captions, read_captions, tfds_source)
+                                image_of, open_images, pair_captions, read_captions, tfds_source)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -77,7 +77,7 @@ def eval_zeroshot(args) -> int:
     def get(start, stop):
         exs = examples(source, start, stop)
         labels.extend(int(field(e, args.label_key)) for e in exs)
-        return [np.asarray(field(e, args.image_key)) for e in exs]
+        return [image_of(e, args.image_key) for e in exs]
 
     emb = enc.images(n, get)
     result = metrics.zeroshot_metrics(emb, np.asarray(labels, np.int32), weights)
@@ -101,7 +101,7 @@ def eval_retrieval(args) -> int:
             caps = captions_of(e, args.caption_key)
             captions.extend(caps)
             t2i.extend([i] * len(caps))
-        return [np.asarray(field(e, args.image_key)) for e in exs]
+        return [image_of(e, args.image_key) for e in exs]
 
     img = enc.images(n, get)
     txt = enc.texts(captions)

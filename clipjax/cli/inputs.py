@@ -124,6 +124,17 @@ def field(example: dict, key: str):
     return value
 
 
+def image_of(example: dict, key: str):
+    """The image feature `key` of a tfds example: a decoded array as it is, or encoded bytes (a set written by
+    `clipjax data convert`) decoded to an RGB PIL image."""
+    value = field(example, key)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        from clipjax.data.transforms import decode_image
+
+        return decode_image(value, name=str(example.get("key", ""))).convert("RGB")
+    return np.asarray(value)
+
+
 def _text(v) -> str:
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from clipjax.cli.inputs import (Encoder, embedded_images, emit, examples, field, image_files, open_images,
+from clipjax.cli.inputs import (Encoder, embedded_images, emit, examples, image_files, image_of, open_images,
                                 tfds_source)
 
 SCORES = ("mcm", "glmcm", "energy", "msp", "maxlogit", "neglabel", "adaneg", "adaneg-sample")
@@ -94,7 +94,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None, image_key: str, li
     n = min(len(source), limit) if limit else len(source)
 
     def get(start, stop):
-        return [np.asarray(field(e, image_key)) for e in examples(source, start, stop)]
+        return [image_of(e, image_key) for e in examples(source, start, stop)]
 
     return n, get, {"dataset": name, "split": split}
 

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from clipjax.cli.evaluate import _check_limit, _zeroshot_names
-from clipjax.cli.inputs import Encoder, emit, examples, field, image_files, open_images, tfds_source
+from clipjax.cli.inputs import Encoder, emit, examples, field, image_files, image_of, open_images, tfds_source
 
 PROTOCOL_NAMES = "tecoa, ttc, pmg-aft, fare"
 ATTACK_NAMES = "pgd, pgd-cw, apgd-ce, apgd-dlr, apgd-t, autoattack"
@@ -201,7 +201,7 @@ def _inputs(args):
     def get(start, stop):
         exs = examples(source, start, stop)
         labels = np.asarray([int(field(e, args.label_key)) for e in exs], np.int32)
-        return [np.asarray(field(e, args.image_key)) for e in exs], labels
+        return [image_of(e, args.image_key) for e in exs], labels
 
     return args.dataset, len(source), names, temps, get
 
