@@ -77,6 +77,30 @@ def randomise_zero_biases(model, scale: float):
                 p.copy_(scale * torch.randn(p.shape, generator=g))
 
 
+def read_all(config, tokenizer, *, image_size: int, batch: int = 4, **kw):
+    """One eval-mode pass over `clipjax.data.make_batches(config, ...)`: `(batches, bad_counts(), classnames)`."""
+    from clipjax.data import make_batches
+
+    it = make_batches(config, image_size=image_size, tokenizer=tokenizer, batch_size=batch, train=False,
+                      num_epochs=1, **kw)
+    batches = list(it)
+    it.close()
+    return batches, it.bad_counts(), it.classnames
+
+
+def key_labels(batches) -> dict:
+    """{key: label} over `batches`, each key once (an example read twice fails), labels int32 `[b]`."""
+    import numpy as np
+
+    out = {}
+    for b in batches:
+        assert b["label"].dtype == np.int32 and b["label"].shape == b["__key__"].shape
+        for k, y in zip(b["__key__"], b["label"]):
+            assert k not in out, f"{k} read twice"
+            out[str(k)] = int(y)
+    return out
+
+
 def open_clip_and_clipjax(folder, cfg: dict | None = None, *, randomise: bool = False):
     """A random-init `open_clip.CLIP(**cfg)` (eval mode; seed 0) and the clipjax `Model` converted from its saved
     state dict with the open_clip JSON (`load_pytorch(..., config=...)`). `randomise`: random norms and attention

@@ -20,6 +20,7 @@ import pytest
 from clipjax.data import DataConfig, DataError, make_batches, parse_label
 from clipjax.data.sources import image_bytes
 from clipjax.tokenizer import Tokenizer
+from helpers import key_labels, read_all as _read_all
 
 IMAGE, CONTEXT = 16, 16
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -36,6 +37,11 @@ def digits(n: int):
     d = load_digits()
     images = np.repeat(np.kron(d.images[:n] * (255 / 16), np.ones((2, 2))).round().astype(np.uint8)[..., None], 3, -1)
     return images, d.target[:n].astype(int)
+
+
+def read_all(config, tokenizer, batch=3, **kw):
+    """`helpers.read_all` at this file's image size."""
+    return _read_all(config, tokenizer, image_size=IMAGE, batch=batch, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -92,24 +98,6 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.openai(context_length=CONTEXT)
-
-
-def read_all(config, tokenizer, batch=3, **kw):
-    it = make_batches(config, image_size=IMAGE, tokenizer=tokenizer, batch_size=batch, train=False, num_epochs=1,
-                      **kw)
-    batches = list(it)
-    it.close()
-    return batches, it.bad_counts(), it.classnames
-
-
-def key_labels(batches) -> dict:
-    out = {}
-    for b in batches:
-        assert b["label"].dtype == np.int32 and b["label"].shape == b["__key__"].shape
-        for k, y in zip(b["__key__"], b["label"]):
-            assert k not in out, f"{k} read twice"
-            out[str(k)] = int(y)
-    return out
 
 
 def test_parse_label_accepts_integers_only():

@@ -22,6 +22,7 @@ from clipjax.data import DataConfig, make_batches
 from clipjax.data.errors import DataError
 from clipjax.data.sources import image_bytes
 from clipjax.tokenizer import Tokenizer
+from helpers import read_all as _read_all
 
 SHARDS, PER_SHARD, IMAGE, CONTEXT = 4, 10, 32, 12
 
@@ -91,17 +92,13 @@ def tokenizer():
 
 
 def read_all(config, tokenizer, batch=4, **kw):
-    it = make_batches(config, image_size=IMAGE, tokenizer=tokenizer, batch_size=batch, train=False, num_epochs=1,
-                      **kw)
-    batches = list(it)
-    it.close()
-    return batches, it.bad_counts()
+    return _read_all(config, tokenizer, image_size=IMAGE, batch=batch, **kw)
 
 
 def test_tar_shards_read_every_good_example_once_and_count_the_bad(corpus, tokenizer):
     spec = corpus["shards"] + "," + os.path.join(corpus["root"], "damaged.tar") + "," + \
         os.path.join(corpus["root"], "empty.tar")
-    batches, counts = read_all(DataConfig(source=spec), tokenizer)
+    batches, counts, _ = read_all(DataConfig(source=spec), tokenizer)
     keys = [k for b in batches for k in b["__key__"]]
     # damaged.tar is shard 00000 cut in half: its first examples are read again, then the damage
     damaged = {k for k in keys if keys.count(k) == 2}
@@ -118,7 +115,7 @@ def test_tar_shards_read_every_good_example_once_and_count_the_bad(corpus, token
 
 @pytest.mark.parametrize("table", ["table.tsv", "table.csv", "table.jsonl"])
 def test_tables_resolve_paths_sniff_separators_and_count_missing_files(corpus, tokenizer, table):
-    batches, counts = read_all(DataConfig(source=os.path.join(corpus["root"], table)), tokenizer, batch=5)
+    batches, counts, _ = read_all(DataConfig(source=os.path.join(corpus["root"], table)), tokenizer, batch=5)
     keys = [int(k) for b in batches for k in b["__key__"]]
     assert keys == list(range(corpus["table_rows"] - 1))  # eval order: the table's order
     assert counts == {"missing_image": 1, "good": corpus["table_rows"] - 1}
@@ -237,14 +234,14 @@ def test_tfds_convert_and_read_back(corpus, tokenizer, tmp_path):
     summary = convert(corpus["shards"], str(tmp_path), "photos")
     assert summary["counts"] == {"missing_image": 1, "missing_caption": 1, "good": len(corpus["good"]) + 1}
     # the truncated JPEG is stored (conversion does not decode); the pipeline counts it when reading
-    batches, counts = read_all(DataConfig(source=summary["source"], tfds_data_dir=str(tmp_path)), tokenizer)
+    batches, counts, _ = read_all(DataConfig(source=summary["source"], tfds_data_dir=str(tmp_path)), tokenizer)
     keys = sorted(k for b in batches for k in b["__key__"])
     assert keys == sorted(corpus["good"]) and counts == {"corrupt_image": 1, "good": len(corpus["good"])}
     with pytest.raises(FileExistsError, match="already holds data"):
         convert(corpus["shards"], str(tmp_path), "photos")
     table = convert(os.path.join(corpus["root"], "table.tsv"), str(tmp_path), "table_photos")  # open_clip TSV
     assert table["counts"] == {"missing_image": 1, "good": corpus["table_rows"] - 1}
-    batches, counts = read_all(DataConfig(source="tfds:table_photos", tfds_data_dir=str(tmp_path)), tokenizer)
+    batches, counts, _ = read_all(DataConfig(source="tfds:table_photos", tfds_data_dir=str(tmp_path)), tokenizer)
     assert sorted(int(k) for b in batches for k in b["__key__"]) == list(range(corpus["table_rows"] - 1))
 
 
@@ -299,7 +296,7 @@ def test_keep_keys_reads_only_what_curation_kept(corpus, tokenizer, tmp_path):
     kept = sorted(corpus["good"])[::3] + ["not-a-key"]
     (tmp_path / "kept-00000-of-00002.txt").write_text("\n".join(kept[:4]) + "\n")
     (tmp_path / "kept-00001-of-00002.txt").write_text("\n".join(kept[4:]) + "\n")
-    batches, counts = read_all(DataConfig(source=corpus["shards"], keep_keys=str(tmp_path)), tokenizer)
+    batches, counts, _ = read_all(DataConfig(source=corpus["shards"], keep_keys=str(tmp_path)), tokenizer)
     keys = sorted(k for b in batches for k in b["__key__"])
     assert keys == sorted(corpus["good"])[::3] and counts["good"] == len(keys)
 
