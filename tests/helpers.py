@@ -77,6 +77,17 @@ def randomise_zero_biases(model, scale: float):
                 p.copy_(scale * torch.randn(p.shape, generator=g))
 
 
+def digit_images(n: int):
+    """The first n of scikit-learn's real handwritten digits as uint8 [n, 16, 16, 3] RGB images (8x8, values 0-16,
+    scaled to 0-255 and repeated 2x2), and their labels [n]."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.repeat(np.kron(d.images[:n] * (255 / 16), np.ones((2, 2))).round().astype(np.uint8)[..., None], 3, -1)
+    return images, d.target[:n].astype(int)
+
+
 def read_all(config, tokenizer, *, image_size: int, batch: int = 4, **kw):
     """One eval-mode pass over `clipjax.data.make_batches(config, ...)`: `(batches, bad_counts(), classnames)`."""
     from clipjax.data import make_batches

@@ -26,7 +26,7 @@ from clipjax.data import DataConfig, DataError, make_batches
 from clipjax.data.sources import image_bytes
 from clipjax.data.tfds_source import convert
 from clipjax.tokenizer import Tokenizer
-from helpers import key_labels, read_all as _read_all
+from helpers import digit_images as digits, key_labels, read_all as _read_all
 
 IMAGE, CONTEXT = 16, 16
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -37,15 +37,6 @@ BAD = {(0, 2): (b"x", "x"), (0, 5): (b"3.0", 3.0), (0, 7): (b"-1\n", -1), (1, 1)
        (1, 4): (b"10", 10), (1, 8): (None, None)}
 NO_CAPTION = {(0, 0), (1, 9)}  # `.cls` set: examples written without `.txt` (kept: labelled sets need no caption)
 DISAGREE = (0, 3)  # JSON set: a `KEY.label` member beside a JSON label that differs; the member is read
-
-
-def digits(n: int):
-    """n real handwritten digits as uint8 [16, 16, 3] RGB images, and their labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = np.repeat(np.kron(d.images[:n] * (255 / 16), np.ones((2, 2))).round().astype(np.uint8)[..., None], 3, -1)
-    return images, d.target[:n].astype(int)
 
 
 def read_all(config, tokenizer, batch=4, **kw):

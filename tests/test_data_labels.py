@@ -20,7 +20,7 @@ import pytest
 from clipjax.data import DataConfig, DataError, make_batches, parse_label
 from clipjax.data.sources import image_bytes
 from clipjax.tokenizer import Tokenizer
-from helpers import key_labels, read_all as _read_all
+from helpers import digit_images as digits, key_labels, read_all as _read_all
 
 IMAGE, CONTEXT = 16, 16
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -28,15 +28,6 @@ TEMPLATE = "This is a photo of a {}"
 SHARDS, PER_SHARD = 2, 10
 # planted bad `.cls` members (shard, index) -> bytes; None: no `.cls` member
 BAD_CLS = {(0, 2): b"x", (0, 7): b"-1\n", (1, 4): b"10", (1, 8): None}
-
-
-def digits(n: int):
-    """n real handwritten digits as uint8 [16, 16, 3] RGB images, and their labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = np.repeat(np.kron(d.images[:n] * (255 / 16), np.ones((2, 2))).round().astype(np.uint8)[..., None], 3, -1)
-    return images, d.target[:n].astype(int)
 
 
 def read_all(config, tokenizer, batch=3, **kw):
